@@ -1,0 +1,186 @@
+"""The plugin manager and the registries of partitioners, orderings and solvers.
+
+Plugins come from the ``bcd`` entry-point group (the built-ins in ``bcd_plugins`` are found there
+too) or are registered in-process with :func:`register` — handy in scripts and tests::
+
+    class MyPlugin:
+        @bcd.hookimpl
+        def register_partitioners(self, register):
+            register("halves", Halves)
+
+    bcd.plugins.register(MyPlugin())      # ... and bcd.plugins.unregister(...) when done
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import pluggy
+
+from bcd import hookspecs
+
+ENTRY_POINT_GROUP = "bcd"
+KINDS = ("partitioner", "ordering", "solver")
+
+pm = pluggy.PluginManager("bcd")
+pm.add_hookspecs(hookspecs)
+_entry_points_loaded = False
+_registry: dict[str, dict[str, Registration]] | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Registration:
+    """One registered plugin factory.
+
+    Attributes:
+        kind: ``"partitioner"``, ``"ordering"`` or ``"solver"``.
+        name: the name it is looked up by.
+        factory: the callable registered.
+        source: where it came from: ``"<distribution> <version>"`` for an installed package,
+            otherwise the plugin's module or class name marked ``(in-process)``.
+    """
+
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    source: str
+
+
+def _ensure_loaded() -> None:
+    global _entry_points_loaded
+    if not _entry_points_loaded:
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        _entry_points_loaded = True
+
+
+def _source_of(plugin: object) -> str:
+    for loaded, dist in pm.list_plugin_distinfo():
+        if loaded is plugin:
+            return f"{dist.project_name} {dist.version}"
+    label = getattr(plugin, "__name__", None) or type(plugin).__qualname__
+    return f"{label} (in-process)"
+
+
+def _build_registry() -> dict[str, dict[str, Registration]]:
+    registry: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS}
+    hooks = {
+        "partitioner": "register_partitioners",
+        "ordering": "register_orderings",
+        "solver": "register_solvers",
+    }
+    for kind, hook_name in hooks.items():
+        for impl in getattr(pm.hook, hook_name).get_hookimpls():
+            source = _source_of(impl.plugin)
+
+            def register(name: str, factory: Callable[..., Any], *, _kind: str = kind, _source: str = source) -> None:
+                if not isinstance(name, str) or not name:
+                    raise ValueError(f"Invalid {_kind} name from {_source}: {name!r}; a name is a non-empty string.")
+                if not callable(factory):
+                    raise ValueError(f"Invalid {_kind} {name!r} from {_source}: {factory!r} is not callable.")
+                taken = registry[_kind].get(name)
+                if taken is not None:
+                    raise ValueError(
+                        f"Duplicate {_kind} name {name!r}: registered by {taken.source} and again by {_source}; "
+                        "names must be unique — unregister one of the plugins or rename."
+                    )
+                registry[_kind][name] = Registration(kind=_kind, name=name, factory=factory, source=_source)
+
+            impl.function(register=register)
+    return registry
+
+
+def registry() -> dict[str, dict[str, Registration]]:
+    """Every registration by kind and name, built on first use and after each (un)registration."""
+    global _registry
+    _ensure_loaded()
+    if _registry is None:
+        _registry = _build_registry()
+    return _registry
+
+
+def register(plugin: object, name: str | None = None) -> None:
+    """Register a plugin object in-process (no installation needed).
+
+    Raises:
+        ValueError: the plugin is already registered, or one of its names is taken.
+    """
+    global _registry
+    _ensure_loaded()
+    try:
+        pm.register(plugin, name=name)
+    except ValueError as error:
+        raise ValueError(f"Cannot register plugin {plugin!r}: {error}") from error
+    _registry = None
+    try:
+        registry()
+    except ValueError:
+        pm.unregister(plugin)
+        _registry = None
+        raise
+
+
+def unregister(plugin: object) -> None:
+    """Unregister a plugin registered with :func:`register` (or by entry point)."""
+    global _registry
+    pm.unregister(plugin)
+    _registry = None
+
+
+def lookup(kind: str, name: str) -> Registration:
+    """The registration of ``name`` among plugins of ``kind``.
+
+    Raises:
+        ValueError: unknown kind, or no plugin of that kind has that name (the message lists the
+            registered names).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"Unknown plugin kind: {kind!r}; accepted: {', '.join(KINDS)}.")
+    entries = registry()[kind]
+    if name not in entries:
+        known = ", ".join(sorted(entries)) or "(none: is bcd installed? its built-ins load by entry point)"
+        raise ValueError(f"Unknown {kind}: {name!r}; registered {kind}s: {known}.")
+    return entries[name]
+
+
+def create(kind: str, name: str, options: dict[str, Any] | None = None, *args: Any) -> Any:
+    """Look up ``name`` and call its factory with ``*args`` and ``**options``.
+
+    Options the factory does not accept are refused with the list of accepted ones, rather than
+    surfacing as a bare ``TypeError`` from deep inside.
+    """
+    factory = lookup(kind, name).factory
+    options = dict(options or {})
+    accepted = _accepted_options(factory)
+    if accepted is not None:
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            raise ValueError(
+                f"Unknown option(s) {unknown} for {kind} {name!r}; accepted: {', '.join(sorted(accepted)) or '(none)'}."
+            )
+    return factory(*args, **options)
+
+
+def _accepted_options(factory: Callable[..., Any]) -> set[str] | None:
+    """Keyword names ``factory`` accepts, or None when it takes ``**kwargs`` or has no signature."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return None
+    names: set[str] = set()
+    for param in signature.parameters.values():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            return None
+        if param.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+            names.add(param.name)
+    # Solvers take their parameters positionally first; that slot is not an option.
+    names.discard("params")
+    return names
+
+
+def list_plugins() -> list[Registration]:
+    """Every registration, sorted by kind then name."""
+    entries = registry()
+    return [entries[kind][name] for kind in KINDS for name in sorted(entries[kind])]
