@@ -264,17 +264,15 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
 
     def _release(self) -> None:
         """Freeze the active block and drop the solver and master copies, so their memory is freed."""
-        if self._active is None:
+        if self._masters is None:
             return
-        for name in self.active_block.param_names:
-            param = self._candidates[name]
+        for param in self._masters.params:
             param.requires_grad_(False)
             param.grad = None
         self._solver = None
         self._masters = None
 
-    def _activate(self, index: int, *, reason: str) -> None:
-        previous = None if self._active is None or reason == "resume" else self.active_block
+    def _activate(self, index: int, *, reason: str, previous: Block | None = None) -> None:
         self._release()
         block = self.partition[index]
         params = [self._candidates[n] for n in block.param_names]
@@ -306,6 +304,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
 
     def _advance(self) -> None:
         """Move to the next block of the order, starting a new block-epoch when it is done."""
+        previous = self.active_block
         self._position += 1
         repartitioned = False
         if self._position == len(self._order):
@@ -320,7 +319,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
             # The same block again (D = 1, fixed order): one longer visit, solver state kept.
             self._step_in_block = 0
         else:
-            self._activate(index, reason="switch")
+            self._activate(index, reason="switch", previous=previous)
 
     # ------------------------------------------------------------------ stepping
 

@@ -1,0 +1,160 @@
+"""Exact resume: state_dict -> fresh model and optimizer -> load_state_dict continues bit-identically."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import bcd
+
+from conftest import CASES, train
+
+K = 3
+
+
+def make(case, dtype, order, partitioner="layer", partitioner_options=None):
+    model = case.model(dtype=dtype)
+    optimizer = bcd.BlockCoordinateOptimizer(
+        model, lr=1e-2, switch_every=K, partitioner=partitioner,
+        partitioner_options=partitioner_options or {}, order=order,
+        order_options={"seed": 7} if order == "random" else {}, solver="adamw",
+        solver_options={"weight_decay": 0.1}, no_decay=True,
+    )
+    return model, optimizer
+
+
+def roundtrip(obj):
+    """Through bytes, as a checkpoint file would; weights_only=True as the Trainer loads."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "order,partitioner,options",
+    [
+        ("ascending", "layer", {}),
+        ("descending", "layer", {}),
+        ("random", "layer", {}),
+        ("random", "random-subset", {"num_blocks": 3, "seed": 2, "redraw": True}),
+    ],
+    ids=["ascending", "descending", "random", "random-subset-redraw"],
+)
+def test_resume_mid_block_is_bit_identical(order, partitioner, options, dtype):
+    case = CASES["llama"]
+    total, cut = 5 * K + 1, 2 * K + 1 + 3 * K  # cut lands mid-block, in the second block-epoch
+    model, optimizer = make(case, dtype, order, partitioner, options)
+    reference_losses = train(model, optimizer, case, total)
+    reference = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    model, optimizer = make(case, dtype, order, partitioner, options)
+    first = train(model, optimizer, case, cut)
+    assert optimizer.step_in_block not in (0,), "the cut must be mid-block"
+    model_state, optimizer_state = roundtrip(model.state_dict()), roundtrip(optimizer.state_dict())
+    del model, optimizer
+
+    fresh_model, fresh_optimizer = make(case, dtype, order, partitioner, options)
+    fresh_model.load_state_dict(model_state)
+    fresh_optimizer.load_state_dict(optimizer_state)
+    second = train(fresh_model, fresh_optimizer, case, total - cut, start=cut)
+
+    assert first + second == reference_losses
+    for name, param in fresh_model.named_parameters():
+        assert torch.equal(param, reference[name]), name
+
+
+def test_resume_in_a_fresh_process(tmp_path):
+    """The checkpoint files are all a new process needs."""
+    script = textwrap.dedent(
+        f"""
+        import sys, torch, bcd
+        sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})
+        from conftest import CASES, train
+        from test_resume import make
+        case = CASES["gpt2"]
+        model, optimizer = make(case, torch.bfloat16, "random")
+        if sys.argv[1] == "save":
+            train(model, optimizer, case, 4)
+            torch.save(model.state_dict(), sys.argv[2] + "/model.pt")
+            torch.save(optimizer.state_dict(), sys.argv[2] + "/optimizer.pt")
+        else:
+            model.load_state_dict(torch.load(sys.argv[2] + "/model.pt", weights_only=True))
+            optimizer.load_state_dict(torch.load(sys.argv[2] + "/optimizer.pt", weights_only=True))
+        train(model, optimizer, case, 5, start=4)
+        torch.save(model.state_dict(), sys.argv[2] + "/" + sys.argv[1] + ".pt")
+        """
+    )
+    path = tmp_path / "run.py"
+    path.write_text(script)
+    subprocess.run([sys.executable, str(path), "save", str(tmp_path)], check=True)
+    subprocess.run([sys.executable, str(path), "load", str(tmp_path)], check=True)
+    # "save" trained 4 + 5 steps in one process; "load" trained the 5 after a restart.
+    uninterrupted = torch.load(tmp_path / "save.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "load.pt", weights_only=True)
+    assert uninterrupted.keys() == resumed.keys()
+    for name in uninterrupted:
+        assert torch.equal(uninterrupted[name], resumed[name]), name
+
+
+def test_state_dict_from_another_partition_is_refused_untouched():
+    case = CASES["llama"]
+    _, saved = make(case, torch.float32, "ascending")
+    model, other = make(case, torch.float32, "ascending", "layer", {"include_embedding": False})
+    before = (other.active_block, other.global_step, [p.requires_grad for p in model.parameters()])
+    with pytest.raises(ValueError, match="another partition"):
+        other.load_state_dict(saved.state_dict())
+    assert before == (other.active_block, other.global_step, [p.requires_grad for p in model.parameters()])
+
+
+def test_state_dict_from_another_model_is_refused():
+    _, saved = make(CASES["gpt2"], torch.float32, "ascending")
+    _, other = make(CASES["llama"], torch.float32, "ascending")
+    with pytest.raises(ValueError, match="another partition"):
+        other.load_state_dict(saved.state_dict())
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"switch_every": K + 1}, "switch_every"),
+        ({"order": "descending", "order_options": {}}, "ordering"),
+        ({"order_options": {"seed": 8}}, "order"),
+        ({"solver": "adam"}, "solver"),
+        ({"no_decay": False}, "group"),
+    ],
+)
+def test_state_dict_with_other_settings_is_refused(change, match):
+    case = CASES["llama"]
+    model, saved = make(case, torch.float32, "random")
+    train(model, saved, case, 2)
+    settings = dict(lr=1e-2, switch_every=K, order="random", order_options={"seed": 7}, solver="adamw",
+                    solver_options={"weight_decay": 0.1}, no_decay=True)
+    settings.update(change)
+    if settings["solver"] == "adam":
+        settings["solver_options"] = {}
+    other = bcd.BlockCoordinateOptimizer(case.model(), **settings)
+    with pytest.raises(ValueError, match=match):
+        other.load_state_dict(saved.state_dict())
+
+
+def test_state_dict_from_another_dtype_is_refused():
+    case = CASES["llama"]
+    _, saved = make(case, torch.bfloat16, "ascending")
+    _, other = make(case, torch.float32, "ascending")
+    with pytest.raises(ValueError, match="dtype"):
+        other.load_state_dict(saved.state_dict())
+
+
+def test_not_a_bcd_state_dict_is_refused():
+    case = CASES["mlp"]
+    model, optimizer = make(case, torch.float32, "ascending")
+    plain = torch.optim.AdamW(model.parameters()).state_dict()
+    with pytest.raises(ValueError, match="format"):
+        optimizer.load_state_dict(plain)
