@@ -1,0 +1,43 @@
+"""bcd.BAdam is the documented composition of the core's pieces, and beats the reference's defects."""
+
+from __future__ import annotations
+
+import torch
+
+import bcd
+
+from conftest import CASES, train
+
+
+def test_badam_equals_its_hand_built_composition():
+    case = CASES["llama"]
+    a_model, b_model = case.model(dtype=torch.bfloat16), case.model(dtype=torch.bfloat16)
+    a = bcd.BAdam(a_model, lr=1e-3, switch_every=2, seed=4, weight_decay=0.01)
+    b = bcd.BlockCoordinateOptimizer(
+        b_model, lr=1e-3, switch_every=2,
+        partitioner="layer", partitioner_options={"include_embedding": False, "include_head": False},
+        order="random", order_options={"seed": 4},
+        solver="adamw", solver_options={"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01},
+    )
+    assert a.blocks == b.blocks and a.block_order == b.block_order
+    assert train(a_model, a, case, 7) == train(b_model, b, case, 7)
+    for (name, p), (_, q) in zip(a_model.named_parameters(), b_model.named_parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_badam_defaults_are_the_documented_ones():
+    optimizer = bcd.BAdam(CASES["gpt2"].model())
+    assert [b.name for b in optimizer.blocks] == ["transformer.h.0", "transformer.h.1"]
+    assert optimizer.switch_every == 100
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (1e-5, (0.9, 0.999), 1e-8, 0.0)
+    assert type(optimizer.solver) is torch.optim.AdamW
+
+
+def test_badam_trains_models_whose_layers_are_not_called_layers():
+    for name in ("gpt2", "bert"):
+        case = CASES[name]
+        model = case.model()
+        optimizer = bcd.BAdam(model, lr=1e-2, switch_every=1, order="ascending")
+        losses = train(model, optimizer, case, 4)
+        assert len(losses) == 4 and optimizer.block_epoch == 2

@@ -1,0 +1,222 @@
+"""BlockCoordinateOptimizer: schedule, precision, hyperparameters, events and errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import bcd
+from bcd import plugins
+
+from conftest import CASES, MLP, train
+
+
+def mlp_optimizer(**kwargs):
+    torch.manual_seed(0)
+    model = MLP()
+    kwargs.setdefault("lr", 1e-2)
+    return model, bcd.BlockCoordinateOptimizer(model, **kwargs)
+
+
+def test_each_block_gets_exactly_k_steps_the_first_included():
+    model, optimizer = mlp_optimizer(switch_every=4, order="ascending")
+    seen = []
+    for step in range(4 * len(optimizer.blocks) * 2):
+        seen.append(optimizer.active_block.name)
+        CASES["mlp"].loss(model, step).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    names = [b.name for b in optimizer.blocks]
+    assert seen == [n for n in names for _ in range(4)] * 2
+    assert optimizer.block_epoch == 2 and optimizer.step_in_block == 0
+
+
+def test_gradient_accumulation_counts_only_optimizer_steps():
+    model, optimizer = mlp_optimizer(switch_every=2)
+    first = optimizer.active_block
+    for micro in range(3):  # three backward passes, one step
+        CASES["mlp"].loss(model, micro).backward()
+    optimizer.step()
+    assert optimizer.active_block == first and optimizer.step_in_block == 1
+
+
+def test_start_block_by_name_and_descending_default_start():
+    _, optimizer = mlp_optimizer(order="ascending", order_options={"start_block": "layers.1"})
+    assert optimizer.active_block.name == "layers.1"
+    assert [optimizer.blocks[i].name for i in optimizer.block_order][:2] == ["layers.1", "layers.2"]
+    _, optimizer = mlp_optimizer(order="descending")
+    assert optimizer.active_block.name == "head"
+
+
+def test_fp32_model_is_updated_in_place_with_a_note():
+    with pytest.warns(bcd.PrecisionNote, match="bf16"):
+        model, optimizer = mlp_optimizer()
+    assert optimizer.master_copies.state_dict() == {}
+    assert all(m is p for m, p in zip(optimizer.master_copies.solver_params, optimizer.master_copies.params))
+
+
+def test_bf16_step_uses_fp32_masters_and_rounds_back():
+    torch.manual_seed(0)
+    model = MLP().to(torch.bfloat16)
+    optimizer = bcd.BlockCoordinateOptimizer(model, lr=1e-3, switch_every=5)
+    CASES["mlp"].loss(model, 0).backward()
+    optimizer.step()
+    masters = optimizer.master_copies.state_dict()
+    params = dict(model.named_parameters())
+    for name, master in masters.items():
+        assert master.dtype == torch.float32
+        assert torch.equal(params[name], master.to(torch.bfloat16))
+        assert params[name].grad is None and master.grad is None  # both gradients freed after the step
+    assert optimizer.solver.state  # Adam's m, v exist for the masters, in fp32
+    for state in optimizer.solver.state.values():
+        assert state["exp_avg"].dtype == torch.float32
+
+
+def test_lr_scheduler_and_per_group_values_reach_the_solver():
+    torch.manual_seed(0)
+    model = MLP()
+    optimizer = bcd.BlockCoordinateOptimizer(
+        model, lr=1.0, switch_every=100, solver="sgd", partitioner="explicit",
+        partitioner_options={"blocks": {"all": ["*"]}},
+        groups=[{"params": [model.out.weight], "lr": 10.0}],
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 ** (step + 1))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    CASES["mlp"].loss(model, 0).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    optimizer.step()
+    scheduler.step()
+    for name, param in model.named_parameters():
+        lr = 10.0 * 0.5 if name == "out.weight" else 0.5
+        torch.testing.assert_close(param, before[name] - lr * grads[name])
+    assert [g["lr"] for g in optimizer.param_groups] == [0.25, 2.5]
+
+
+def test_weight_decay_is_exactly_what_the_user_set_and_no_decay_exempts_1d():
+    _, optimizer = mlp_optimizer(solver="adamw", solver_options={"weight_decay": 0.3}, no_decay=True)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.3, 0.0]
+    assert all(p.ndim == 1 for p in optimizer.param_groups[1]["params"])
+    assert all(p.ndim == 2 for p in optimizer.param_groups[0]["params"])
+    for group in optimizer.solver.param_groups:
+        assert group["weight_decay"] in (0.3, 0.0)
+    # The reference let the base optimizer's default overwrite the user's value; here it cannot.
+    assert bcd.BAdam(MLP(), weight_decay=0.25).solver.param_groups[0]["weight_decay"] == 0.25
+
+
+def test_clip_grad_norm_over_model_parameters():
+    model, optimizer = mlp_optimizer()
+    CASES["mlp"].loss(model, 0).backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+    assert norm > 1e-3
+    active = [p for p in model.parameters() if p.grad is not None]
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in active]))
+    torch.testing.assert_close(total, torch.tensor(1e-3), rtol=1e-3, atol=0)
+    optimizer.step()
+
+
+class TwoExperts(nn.Module):
+    """Only expert 0 is used: expert 1 gets no gradient, like an unrouted MoE expert."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
+
+    def forward(self, x):
+        return self.experts[0](x)
+
+
+def test_active_parameter_without_gradient_is_skipped():
+    model = TwoExperts()
+    optimizer = bcd.BlockCoordinateOptimizer(
+        model, lr=0.1, partitioner="explicit", partitioner_options={"blocks": {"all": ["*"]}},
+        solver_options={"weight_decay": 0.5},
+    )
+    unused = model.experts[1].weight.detach().clone()
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    assert torch.equal(model.experts[1].weight, unused)
+    assert not torch.equal(model.experts[0].weight, unused)
+
+
+def test_block_switched_hook_sees_every_activation():
+    events = []
+
+    class Recorder:
+        @bcd.hookimpl
+        def block_switched(self, event):
+            events.append(event)
+
+    recorder = Recorder()
+    plugins.register(recorder)
+    try:
+        model, optimizer = mlp_optimizer(switch_every=2, order="ascending")
+        train(model, optimizer, CASES["mlp"], 4)
+    finally:
+        plugins.unregister(recorder)
+    assert [(e.reason, e.block.name, e.global_step) for e in events] == [
+        ("start", "embedding", 0), ("switch", "layers.0", 2), ("switch", "layers.1", 4)
+    ]
+    assert events[0].previous is None and events[1].previous.name == "embedding"
+
+
+def test_excluded_parameters_stay_frozen():
+    torch.manual_seed(0)
+    model = MLP()
+    optimizer = bcd.BlockCoordinateOptimizer(
+        model, lr=0.1, partitioner_options={"include_embedding": False, "include_head": False}, switch_every=1
+    )
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith(("inp", "out"))}
+    train(model, optimizer, CASES["mlp"], 6)
+    assert [b.name for b in optimizer.blocks] == ["layers.0", "layers.1", "layers.2"]
+    for name, param in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(param, frozen[name]) and not param.requires_grad
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"switch_every": 0}, r"switch_every: 0; accepted: an integer >= 1"),
+        ({"switch_every": 2.5}, r"switch_every: 2.5"),
+        ({"lr": -0.1}, r"lr: -0.1; accepted: a number >= 0"),
+        ({"partitioner": "nope"}, r"Unknown partitioner: 'nope'; registered partitioners: explicit, layer"),
+        ({"order": "sideways"}, r"Unknown ordering: 'sideways'; registered orderings: ascending"),
+        ({"solver": "lion"}, r"Unknown solver: 'lion'; registered solvers: adam, adamw, sgd"),
+        ({"solver_options": {"betaz": 1}}, r"Unknown option\(s\) \['betaz'\] for solver 'adamw'; accepted: .*betas"),
+        ({"solver_options": {"betas": (2.0, 0.9)}}, r"beta parameter at index 0: 2.0"),
+        ({"partitioner_options": {"depth": 1}}, r"Unknown option\(s\) \['depth'\] for partitioner 'layer'"),
+        ({"order_options": {"start_block": 99}}, r"start_block: 99; accepted: a block index 0 ... 4"),
+        ({"order_options": {"start_block": "layers.9"}}, r"Unknown block name: 'layers.9'"),
+        ({"partitioner": "explicit", "partitioner_options": {"blocks": {}}}, r"no blocks given"),
+        ({"partitioner": "explicit", "partitioner_options": {"blocks": {"a": ["*"], "b": ["out.*"]}}},
+         r"'out.weight' is in block 'a' and in block 'b'"),
+        ({"partitioner": "explicit", "partitioner_options": {"blocks": {"a": ["layers.*"]}}},
+         r"4 trainable parameter\(s\) are in no block, e.g. \[\'inp.weight\'"),
+        ({"partitioner": "explicit", "partitioner_options": {"blocks": {"a": ["*"], "b": ["nothing.*"]}}},
+         r"pattern 'nothing.\*' of block 'b' matches no trainable parameter"),
+        ({"groups": [{"lr": 1.0}]}, r"has no 'params'"),
+    ],
+)
+def test_bad_input_is_a_clear_error(kwargs, match):
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=match):
+        bcd.BlockCoordinateOptimizer(MLP(), **kwargs)
+
+
+def test_model_without_trainable_parameters_is_refused():
+    model = MLP().requires_grad_(False)
+    with pytest.raises(ValueError, match="has no trainable parameters"):
+        bcd.BlockCoordinateOptimizer(model)
+
+
+def test_not_a_module_is_refused():
+    with pytest.raises(ValueError, match="Invalid model: list; accepted: a torch.nn.Module"):
+        bcd.BlockCoordinateOptimizer([nn.Parameter(torch.zeros(1))])
+
+
+def test_refused_construction_leaves_the_model_untouched():
+    model = MLP()
+    with pytest.raises(ValueError):
+        bcd.BlockCoordinateOptimizer(model, solver_options={"lr": -1.0})
+    assert all(p.requires_grad for p in model.parameters())

@@ -1,0 +1,82 @@
+"""The plugin manager: entry points, lookup by name, in-process registration, the example package."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import bcd
+from bcd import plugins
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_builtins_come_from_the_bcd_entry_points():
+    names = {(r.kind, r.name): r.source for r in plugins.list_plugins()}
+    for key in [("partitioner", "layer"), ("ordering", "random"), ("solver", "adamw")]:
+        assert names[key].startswith("bcd "), names[key]
+
+
+def test_unknown_name_lists_the_registered_ones():
+    with pytest.raises(ValueError, match=r"Unknown ordering: 'zigzag'; registered orderings: ascending, descending, fixed, random"):
+        plugins.lookup("ordering", "zigzag")
+    with pytest.raises(ValueError, match=r"Unknown plugin kind: 'loss'"):
+        plugins.lookup("loss", "x")
+
+
+class Throwaway:
+    """A plugin registered in-process, as a script would."""
+
+    @bcd.hookimpl
+    def register_orderings(self, register):
+        register("backwards-twice", lambda: None)
+
+
+def test_in_process_registration_and_unregistration():
+    plugin = Throwaway()
+    plugins.register(plugin)
+    try:
+        registration = plugins.lookup("ordering", "backwards-twice")
+        assert registration.source == "Throwaway (in-process)"
+    finally:
+        plugins.unregister(plugin)
+    with pytest.raises(ValueError, match="Unknown ordering"):
+        plugins.lookup("ordering", "backwards-twice")
+
+
+class Impostor:
+    @bcd.hookimpl
+    def register_solvers(self, register):
+        register("adamw", object)
+
+
+def test_a_duplicate_name_is_refused_and_not_registered():
+    with pytest.raises(ValueError, match=r"Duplicate solver name 'adamw': registered by .* and again by Impostor"):
+        plugins.register(Impostor())
+    assert plugins.lookup("solver", "adamw").source.startswith("bcd ")
+    assert not any(isinstance(p, Impostor) for p in plugins.pm.get_plugins())
+
+
+def test_third_party_package_installed_is_found_by_name(tmp_path):
+    """The example package, really installed (into a target dir), used by name in a new process."""
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--no-index", "--target", str(target), str(ROOT / "examples" / "bcd-halves")],
+        check=True,
+    )
+    script = (
+        "import torch, bcd\n"
+        "from bcd import plugins\n"
+        "print(plugins.lookup('partitioner', 'halves').source)\n"
+        "model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(4)])\n"
+        "opt = bcd.BlockCoordinateOptimizer(model, partitioner='halves', lr=0.1)\n"
+        "print([b.name for b in opt.blocks], [len(b.param_names) for b in opt.blocks])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.splitlines() == ["bcd-halves 0.1.0", "['lower', 'upper'] [4, 4]"]
