@@ -80,3 +80,31 @@ def test_third_party_package_installed_is_found_by_name(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert result.stdout.splitlines() == ["bcd-halves 0.1.0", "['lower', 'upper'] [4, 4]"]
+
+
+class EveryOther:
+    """A throwaway partitioner plugin: parameters alternate between two blocks."""
+
+    @bcd.hookimpl
+    def register_partitioners(self, register):
+        class Alternate:
+            dynamic = False
+
+            def partition(self, model, params, epoch):
+                names = list(params)
+                return bcd.Partition.from_groups({"even": names[::2], "odd": names[1::2]})
+
+        register("every-other", Alternate)
+
+
+def test_in_process_partitioner_used_by_name():
+    from conftest import MLP
+
+    plugin = EveryOther()
+    plugins.register(plugin)
+    try:
+        optimizer = bcd.BlockCoordinateOptimizer(MLP(), partitioner="every-other", lr=0.1)
+    finally:
+        plugins.unregister(plugin)
+    assert [b.name for b in optimizer.blocks] == ["even", "odd"]
+    assert optimizer.blocks[0].param_names[:2] == ("inp.weight", "layers.0.weight")
