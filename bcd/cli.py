@@ -7,10 +7,99 @@ import json
 import sys
 from collections.abc import Sequence
 
+import attrs
 from rich.console import Console
 from rich.table import Table
 
 from bcd import plugins
+
+
+def _options(pairs: Sequence[str] | None, flag: str) -> dict:
+    """``KEY=VALUE`` pairs as a dict; values are read as JSON when they parse, else as strings."""
+    options = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"Invalid {flag}: {pair!r}; accepted: KEY=VALUE, e.g. num_blocks=4.")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    from bcd.presets import DTYPES, PRESETS
+
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", help=f"a named model shape: {', '.join(PRESETS)}")
+    source.add_argument("--config", help="a config.json path or a local model directory")
+    parser.add_argument("--dtype", default="bf16", help=f"training dtype of the model: {', '.join(DTYPES)} (default bf16)")
+    parser.add_argument("--partition", default="layer", help="BAdam's partitioner (default layer)")
+    parser.add_argument("--partition-option", action="append", metavar="KEY=VALUE",
+                        help="an option for the partitioner, repeatable; JSON values "
+                             "(default for layer: include_embedding=false include_head=false, as bcd.BAdam)")
+
+
+def _memory(args: argparse.Namespace) -> int:
+    from bcd import memory
+    from bcd.presets import build_model, load_config, parse_dtype
+
+    methods = list(memory.METHODS) if args.method == "all" else [args.method]
+    if args.method != "all" and args.method not in memory.METHODS:
+        raise ValueError(f"Unknown method: {args.method!r}; accepted: {', '.join(memory.METHODS)}, all.")
+    budget = memory.parse_size(args.budget) if args.budget is not None else None
+    config = load_config(args.preset, args.config)
+    activations = None
+    if args.batch is not None or args.seq is not None:
+        activations = memory.estimate_activations(config, batch=args.batch or 1, seq=args.seq or 512,
+                                                  checkpointing=args.checkpointing)
+    model = build_model(config, dtype=parse_dtype(args.dtype))
+    options = _options(args.partition_option, "--partition-option") if args.partition_option else None
+    report = memory.estimate(
+        model, methods=methods, partitioner=args.partition, partitioner_options=options, solver=args.solver,
+        lora_rank=args.lora_rank, lora_targets=args.lora_targets.split(","), activations=activations,
+        name=args.preset or args.config,
+    )
+    extra = activations.bytes if activations else 0
+    verdict = None
+    if budget is not None:
+        fits = [m.method for m in report.methods if m.breakdown.total + extra <= budget]
+        misses = [m.method for m in report.methods if m.breakdown.total + extra > budget]
+        verdict = (f"budget {args.budget}: fits: {', '.join(fits) or 'none'}; "
+                   f"does not fit: {', '.join(misses) or 'none'}"
+                   + (" (activations included)" if activations else " (activations not included: give --batch/--seq)"))
+    if args.json:
+        print(json.dumps({**attrs.asdict(report), "budget": budget, "verdict": verdict}, indent=2))
+        return 0
+    size = memory.format_size
+    table = Table(title=f"Memory of {report.model} ({report.params / 1e9:.2f}B parameters, {report.dtype}), GB = 10^9 bytes")
+    for column in ("method", "weights", "gradients", "solver state", "master copies", "total"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    if activations:
+        table.add_column("+ activations (estimate)", justify="right")
+    table.add_column("how")
+    for m in report.methods:
+        b = m.breakdown
+        row = [m.method, size(b.weights), size(b.gradients), size(b.solver_state), size(b.master_copies), size(b.total)]
+        if activations:
+            row.append(size(b.total + extra))
+        table.add_row(*row, m.note)
+    console = Console(width=max(Console().width, 140))
+    console.print(table)
+    for m in report.methods:
+        if m.method == "badam":
+            largest = next(f for f in m.blocks if f.name == m.largest_block)
+            console.print(
+                f"BAdam: D = {len(m.blocks)} blocks; the largest, [bold]{largest.name}[/] ({largest.params / 1e6:.1f}M "
+                f"parameters, {size(largest.bytes.total)} to train), sets the peak. Paper's 2M + 16M/D: "
+                f"{size(m.paper_formula)}.", highlight=False)
+    if activations:
+        console.print(f"Activations (estimate, batch {activations.batch} x seq {activations.seq}, checkpointing "
+                      f"{'on' if activations.checkpointing else 'off'}): {size(activations.bytes)}", highlight=False)
+    if verdict:
+        console.print(verdict, highlight=False)
+    return 0
 
 
 def _plugins(args: argparse.Namespace) -> int:
@@ -43,6 +132,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
     listing.set_defaults(run=_plugins)
+
+    mem = commands.add_parser(
+        "memory",
+        help="estimate memory by category for Adam, BAdam, LoRA and LOMO, without weights",
+        description="Estimate training memory by category (weights, gradients, solver state, master copies) for "
+        "mixed-precision Adam, BAdam with the actual partition, LoRA and LOMO. The model is built from its config on "
+        "the meta device: nothing is allocated or downloaded. GB are 10^9 bytes.",
+    )
+    _add_model_arguments(mem)
+    mem.add_argument("--method", default="all", help="adam, badam, lora, lomo or all (default all)")
+    mem.add_argument("--solver", default="adamw", help="inner solver of BAdam, and Adam's/LoRA's optimizer (default adamw)")
+    mem.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (default 8)")
+    mem.add_argument("--lora-targets", default="q_proj,v_proj", help="LoRA target layers, comma-separated (default q_proj,v_proj)")
+    mem.add_argument("--batch", type=int, help="batch size, for the activation estimate")
+    mem.add_argument("--seq", type=int, help="sequence length, for the activation estimate")
+    mem.add_argument("--checkpointing", action="store_true", help="estimate activations with gradient checkpointing")
+    mem.add_argument("--budget", help="a memory budget, e.g. 24GiB or 80GB: prints which methods fit")
+    mem.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    mem.set_defaults(run=_memory)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Integrations with the tools around training: TensorBoard, the transformers Trainer."""

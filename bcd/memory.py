@@ -1,0 +1,400 @@
+r"""Memory accounting: estimates before training, exact measurement during it.
+
+Categories, in bytes:
+
+- **weights**: the model's parameters, in their dtype;
+- **gradients**: held at the moment the solver steps (for bcd: the active block's fp32
+  gradients; the bf16 ones are freed as they are cast);
+- **solver state**: the inner solver's tensors (Adam: :math:`m`, :math:`v` and a step counter per
+  tensor);
+- **master copies**: fp32 copies of low-precision parameters.
+
+For an M-parameter bf16 model split into D equal blocks, BAdam holds
+:math:`2M + 16M/D` bytes (weights, then master + gradient + :math:`m` + :math:`v` for one block);
+the real peak is set by the **largest** block, which the estimate names. Mixed-precision Adam
+holds :math:`2M` (weights) + :math:`2M` (gradients) + :math:`4M` (masters) + :math:`8M` (states).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from bcd import plugins
+from bcd.precision import needs_master
+
+METHODS = ("adam", "badam", "lora", "lomo")
+BADAM_PARTITION_OPTIONS = {"include_embedding": False, "include_head": False}
+
+
+@attrs.frozen(kw_only=True)
+class Breakdown:
+    """Bytes by category."""
+
+    weights: int = 0
+    gradients: int = 0
+    solver_state: int = 0
+    master_copies: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.solver_state + self.master_copies
+
+
+@attrs.frozen(kw_only=True)
+class BlockFigure:
+    """What training one block costs on top of the weights."""
+
+    name: str
+    params: int
+    bytes: Breakdown
+
+
+@attrs.frozen(kw_only=True)
+class MethodEstimate:
+    """One method's memory at its peak, without activations.
+
+    Attributes:
+        method: ``adam``, ``badam``, ``lora`` or ``lomo``.
+        breakdown: bytes by category at the peak.
+        note: how the figure is made up.
+        blocks: BAdam only: every block's figure.
+        largest_block: BAdam only: the block that sets the peak.
+        paper_formula: BAdam only: the paper's :math:`2M + 16M/D` bytes, for comparison.
+    """
+
+    method: str
+    breakdown: Breakdown
+    note: str
+    blocks: tuple[BlockFigure, ...] = ()
+    largest_block: str | None = None
+    paper_formula: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class ActivationEstimate:
+    """Activation memory, an *estimate* (Korthikanti et al. 2022, attention without flash kernels)."""
+
+    batch: int
+    seq: int
+    checkpointing: bool
+    bytes: int
+    note: str = "estimate"
+
+
+@attrs.frozen(kw_only=True)
+class MemoryEstimate:
+    """Estimates for every method asked for, on one model."""
+
+    model: str
+    params: int
+    dtype: str
+    methods: tuple[MethodEstimate, ...]
+    activations: ActivationEstimate | None = None
+
+    def method(self, name: str) -> MethodEstimate:
+        for estimate in self.methods:
+            if estimate.method == name:
+                return estimate
+        raise ValueError(f"No estimate for method {name!r}; this report has {[m.method for m in self.methods]}.")
+
+
+# ---------------------------------------------------------------------------- solver state
+
+
+@functools.lru_cache(maxsize=32)
+def _solver_state_cost(solver: str, options: tuple[tuple[str, Any], ...]) -> tuple[int, int]:
+    """Bytes of solver state as ``(per element, per tensor)``, learnt by running the solver.
+
+    Any solver plugin works: it takes one step on fp32 tensors of two sizes and the two unknowns
+    follow from the state it then holds.
+    """
+    held = []
+    for size in (1, 1001):
+        tensor = torch.zeros(size)
+        tensor.grad = torch.zeros(size)
+        optimizer = plugins.create("solver", solver, dict(options), [tensor])
+        optimizer.step()
+        held.append(_tensor_bytes(t for state in optimizer.state.values() for t in state.values()))
+    per_element = (held[1] - held[0]) // 1000
+    return per_element, held[0] - per_element
+
+
+def _tensor_bytes(values: Iterable[Any]) -> int:
+    return sum(t.numel() * t.element_size() for t in values if isinstance(t, torch.Tensor))
+
+
+def _hashable(options: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in (options or {}).items()))
+
+
+# ---------------------------------------------------------------------------- estimates
+
+
+def _block_cost(params: Sequence[nn.Parameter], per_element: int, per_tensor: int) -> Breakdown:
+    numel = sum(p.numel() for p in params)
+    low = sum(p.numel() for p in params if needs_master(p))
+    return Breakdown(
+        # Low-precision gradients are cast to fp32 for the step; others are held in their dtype.
+        gradients=4 * low + sum(p.numel() * p.element_size() for p in params if not needs_master(p)),
+        solver_state=per_element * numel + per_tensor * len(params),
+        master_copies=4 * low,
+    )
+
+
+def _lora_params(model: nn.Module, rank: int, targets: Sequence[str]) -> list[int]:
+    """Adapter sizes ``rank * (in + out)`` for every linear layer whose name ends in a target."""
+    sizes, linear_names = [], set()
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        is_linear = isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+        if not is_linear or weight is None or weight.ndim != 2:
+            continue
+        short = name.rsplit(".", 1)[-1]
+        linear_names.add(short)
+        if short in targets:
+            sizes.append(rank * (weight.shape[0] + weight.shape[1]))
+    if not sizes:
+        raise ValueError(
+            f"Invalid LoRA targets: {list(targets)} match no linear layer; this model's linear layers are "
+            f"named {', '.join(sorted(linear_names))}."
+        )
+    return sizes
+
+
+def estimate(
+    model: nn.Module,
+    *,
+    methods: Sequence[str] = METHODS,
+    partitioner: str = "layer",
+    partitioner_options: Mapping[str, Any] | None = None,
+    solver: str = "adamw",
+    solver_options: Mapping[str, Any] | None = None,
+    lora_rank: int = 8,
+    lora_targets: Sequence[str] = ("q_proj", "v_proj"),
+    activations: ActivationEstimate | None = None,
+    name: str | None = None,
+) -> MemoryEstimate:
+    """Estimate each method's memory on ``model``, which may live on the ``meta`` device.
+
+    Args:
+        model: the model, in the dtype it will train in.
+        methods: any of ``adam`` (mixed precision when the model is bf16/fp16), ``badam``,
+            ``lora``, ``lomo``.
+        partitioner: BAdam's partitioner; its options default to BAdam's (layers only).
+        partitioner_options: options for it.
+        solver: the inner solver (also Adam's and LoRA's optimizer), ``adamw`` by default.
+        solver_options: its options (they can change its state, e.g. ``amsgrad``).
+        lora_rank: LoRA's rank r.
+        lora_targets: names of the linear layers LoRA adapts.
+        activations: an activation estimate to carry along (see :func:`estimate_activations`).
+        name: a label for the model.
+
+    Raises:
+        ValueError: an unknown method, or invalid partitioner, solver or LoRA options.
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"Unknown method(s): {unknown or list(methods)}; accepted: {', '.join(METHODS)}.")
+    params = dict(model.named_parameters())
+    all_params = list(params.values())
+    total = sum(p.numel() for p in all_params)
+    weights = sum(p.numel() * p.element_size() for p in all_params)
+    per_element, per_tensor = _solver_state_cost(solver, _hashable(solver_options))
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in all_params})
+    results = []
+    for method in methods:
+        if method == "adam":
+            cost = _block_cost(all_params, per_element, per_tensor)
+            # Full-parameter training keeps low-precision gradients in the model's dtype.
+            gradients = sum(p.numel() * p.element_size() for p in all_params)
+            results.append(MethodEstimate(
+                method="adam",
+                breakdown=attrs.evolve(cost, weights=weights, gradients=gradients),
+                note=f"{solver} over all parameters; fp32 masters for low-precision ones",
+            ))
+        elif method == "badam":
+            options = BADAM_PARTITION_OPTIONS if partitioner_options is None else partitioner_options
+            partition = plugins.create("partitioner", partitioner, dict(options)).partition(model, params, 0)
+            figures = tuple(
+                BlockFigure(
+                    name=block.name,
+                    params=sum(params[n].numel() for n in block.param_names),
+                    bytes=_block_cost([params[n] for n in block.param_names], per_element, per_tensor),
+                )
+                for block in partition
+            )
+            largest = max(figures, key=lambda f: f.bytes.total)
+            results.append(MethodEstimate(
+                method="badam",
+                breakdown=attrs.evolve(largest.bytes, weights=weights),
+                note=f"{partitioner} partition, D={len(figures)}; peak set by block {largest.name!r}",
+                blocks=figures,
+                largest_block=largest.name,
+                paper_formula=2 * total + 16 * total // len(figures),
+            ))
+        elif method == "lora":
+            adapters = _lora_params(model, lora_rank, lora_targets)
+            numel = sum(adapters)
+            results.append(MethodEstimate(
+                method="lora",
+                breakdown=Breakdown(
+                    weights=weights + 4 * numel,
+                    gradients=4 * numel,
+                    solver_state=per_element * numel + per_tensor * 2 * len(adapters),
+                ),
+                note=f"rank {lora_rank} on {', '.join(lora_targets)} ({len(adapters)} layers); fp32 adapters",
+            ))
+        else:
+            largest_tensor = max(p.numel() * p.element_size() for p in all_params)
+            results.append(MethodEstimate(
+                method="lomo",
+                breakdown=Breakdown(weights=weights, gradients=largest_tensor),
+                note="SGD fused into backward: one gradient tensor at a time, no solver state",
+            ))
+    return MemoryEstimate(
+        model=name or type(model).__name__,
+        params=total,
+        dtype="/".join(dtypes),
+        methods=tuple(results),
+        activations=activations,
+    )
+
+
+def _config_value(config: Any, *names: str) -> int:
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    raise ValueError(f"The config has none of {names}; cannot estimate activations for it.")
+
+
+def estimate_activations(config: Any, *, batch: int, seq: int, checkpointing: bool = False) -> ActivationEstimate:
+    r"""Activation memory of one forward/backward, an estimate.
+
+    Per transformer layer, 16-bit, no recomputation: :math:`sbh(34 + 5as/h)` bytes (Korthikanti et
+    al. 2022); with checkpointing each layer keeps only its input (:math:`2sbh`) and one layer is
+    recomputed at a time. The logits add :math:`6sbV` (bf16, then fp32 for the loss).
+
+    Raises:
+        ValueError: batch or seq below 1.
+    """
+    for label, value in (("batch", batch), ("seq", seq)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"Invalid {label}: {value!r}; accepted: an integer >= 1.")
+    h = _config_value(config, "hidden_size", "n_embd", "d_model")
+    a = _config_value(config, "num_attention_heads", "n_head")
+    layers = _config_value(config, "num_hidden_layers", "n_layer", "num_layers")
+    vocab = _config_value(config, "vocab_size")
+    per_layer = seq * batch * h * (34 + 5 * a * seq // h)
+    stored = layers * 2 * seq * batch * h + per_layer if checkpointing else layers * per_layer
+    return ActivationEstimate(batch=batch, seq=seq, checkpointing=checkpointing, bytes=stored + 6 * seq * batch * vocab)
+
+
+# ---------------------------------------------------------------------------- live measurement
+
+
+@attrs.frozen(kw_only=True)
+class LiveMemory:
+    """What a live model and optimizer really hold, from their deduplicated tensor storages.
+
+    Attributes:
+        parameters: bytes of parameter storage by dtype name (``"bfloat16"``, ...).
+        gradients: bytes of gradient storage (model parameters' and master copies').
+        solver_state: bytes of the solver's state tensors.
+        master_copies: bytes of fp32 master copies.
+        cuda_peak: ``torch.cuda.max_memory_allocated()`` when CUDA is in use, else None.
+    """
+
+    parameters: Mapping[str, int]
+    gradients: int
+    solver_state: int
+    master_copies: int
+    cuda_peak: int | None = None
+
+    @property
+    def breakdown(self) -> Breakdown:
+        return Breakdown(weights=sum(self.parameters.values()), gradients=self.gradients,
+                         solver_state=self.solver_state, master_copies=self.master_copies)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The shard this process holds, for a DTensor; the tensor itself otherwise."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
+def measure(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> LiveMemory:
+    """Bytes really held by ``model`` and ``optimizer`` (a bcd optimizer or any torch one).
+
+    Each storage counts once, in the first category that holds it: parameters, master copies,
+    gradients, solver state. Sharded parameters count their local shard.
+    """
+    seen: set[tuple[str, int]] = set()
+
+    def claim(tensors: Iterable[Any]) -> int:
+        total = 0
+        for tensor in tensors:
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            tensor = _local(tensor)
+            if tensor.device.type == "meta":
+                continue
+            storage = tensor.untyped_storage()
+            key = (str(tensor.device), storage.data_ptr())
+            if key not in seen:
+                seen.add(key)
+                total += storage.nbytes()
+        return total
+
+    parameters: dict[str, int] = {}
+    for param in model.parameters():
+        label = str(param.dtype).removeprefix("torch.")
+        parameters[label] = parameters.get(label, 0) + claim([param])
+    solver = getattr(optimizer, "solver", optimizer)
+    masters_held = getattr(optimizer, "master_copies", None)
+    masters = list(masters_held.solver_params) if masters_held is not None else []
+    master_bytes = claim(masters)
+    grads = [p.grad for p in model.parameters()] + [m.grad for m in masters]
+    if solver is not None:
+        grads += [p.grad for group in solver.param_groups for p in group["params"]]
+    gradient_bytes = claim(grads)
+    state_bytes = 0
+    if solver is not None:
+        state_bytes = claim(t for state in solver.state.values() for t in state.values())
+    cuda_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return LiveMemory(parameters=parameters, gradients=gradient_bytes, solver_state=state_bytes,
+                      master_copies=master_bytes, cuda_peak=cuda_peak)
+
+
+# ---------------------------------------------------------------------------- sizes
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``"24GiB"``, ``"80 GB"``, ``"512MiB"`` or a plain byte count, as bytes.
+
+    Raises:
+        ValueError: not a positive number with a known unit.
+    """
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not match or match.group(2).upper() not in _UNITS or float(match.group(1)) <= 0:
+        raise ValueError(
+            f"Invalid size: {text!r}; accepted: a positive number with a unit B, KB, MB, GB, TB (powers of 10) "
+            "or KiB, MiB, GiB, TiB (powers of 2), e.g. 24GiB."
+        )
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def format_size(count: int) -> str:
+    """Bytes as decimal GB (the paper's unit), or MB below 1 GB."""
+    return f"{count / 1e9:.2f} GB" if count >= 1e9 else f"{count / 1e6:.2f} MB"

@@ -1,0 +1,191 @@
+"""Memory accounting: estimates against the paper, live measurement against an independent count."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import bcd
+from bcd import memory
+from bcd.cli import main
+from bcd.presets import PRESETS, build_model, load_config
+
+from conftest import CASES
+
+
+def within(value: float, expected: float, tolerance: float = 0.03) -> bool:
+    return abs(value - expected) <= tolerance * expected
+
+
+def test_llama_2_7b_reproduces_the_papers_table_4():
+    report = memory.estimate(build_model(load_config("llama-2-7b")), methods=["adam", "badam"])
+    adam, badam = report.method("adam").breakdown, report.method("badam")
+    gb = 1e9
+    assert within(adam.weights / gb, 13.4)
+    assert within(adam.gradients / gb, 13.4)
+    # Mixed-precision Adam's "optimizer states" in the paper: m, v and the fp32 master copy.
+    assert within((adam.solver_state + adam.master_copies) / gb, 80.4)
+    # BAdam, one transformer layer: fp32 gradient and m, v (its master copy, 0.8 GB, is listed apart).
+    assert within(badam.breakdown.gradients / gb, 0.8)
+    assert within(badam.breakdown.solver_state / gb, 1.6)
+    assert within(badam.breakdown.master_copies / gb, 0.8)
+    assert badam.largest_block == "model.layers.0" and len(badam.blocks) == 32
+
+
+def test_the_largest_block_sets_the_peak_and_is_named():
+    model = build_model(load_config("llama-3-8b"))
+    report = memory.estimate(model, methods=["badam"], partitioner_options={})
+    badam = report.method("badam")
+    assert badam.largest_block == "head"
+    head = next(f for f in badam.blocks if f.name == "head")
+    assert head.params == 128256 * 4096 + 4096
+    assert badam.breakdown.total > badam.paper_formula  # the uneven block costs more than the average
+
+
+def test_live_measure_equals_an_independent_count_and_the_estimate():
+    case = CASES["llama"]
+    model = case.model(dtype=torch.bfloat16)
+    optimizer = bcd.BAdam(model, lr=1e-3, switch_every=10, order="ascending")
+    during_step = {}
+
+    def record(solver, args, kwargs):
+        during_step["live"] = memory.measure(model, optimizer)
+
+    case.loss(model, 0).backward()
+    handle = optimizer.solver.register_step_pre_hook(record)
+    optimizer.step()
+    handle.remove()
+    live = during_step["live"]
+
+    block = [dict(model.named_parameters())[n] for n in optimizer.active_block.param_names]
+    numel = sum(p.numel() for p in block)
+    # Independent count: the tensors as we know them to be held.
+    assert live.parameters == {"bfloat16": 2 * sum(p.numel() for p in model.parameters())}
+    assert live.master_copies == 4 * numel
+    assert live.gradients == 4 * numel  # fp32 gradients of the block; the bf16 ones were freed
+    assert live.solver_state == 0  # Adam creates its state inside the first step
+    after = memory.measure(model, optimizer)
+    assert after.gradients == 0 and after.master_copies == 4 * numel
+    assert after.solver_state == sum(
+        t.numel() * t.element_size() for s in optimizer.solver.state.values() for t in s.values()
+    ) == 8 * numel + 4 * len(block)
+
+    estimate = memory.estimate(model, methods=["badam"]).method("badam").breakdown
+    assert estimate.weights == sum(live.parameters.values())
+    assert (estimate.gradients, estimate.master_copies) == (live.gradients, live.master_copies)
+    assert estimate.solver_state == after.solver_state
+
+
+def test_measure_counts_shared_storage_once_and_works_for_torch_optimizers():
+    model = CASES["gpt2"].model()  # tied embedding and head
+    optimizer = torch.optim.AdamW(model.parameters())
+    CASES["gpt2"].loss(model, 0).backward()
+    optimizer.step()
+    live = memory.measure(model, optimizer)
+    params = list(model.parameters())  # tied weight appears once
+    assert live.parameters == {"float32": 4 * sum(p.numel() for p in params)}
+    assert live.gradients == 4 * sum(p.numel() for p in params)
+    assert live.solver_state == 8 * sum(p.numel() for p in params) + 4 * len(params)
+
+
+def test_activation_estimate_and_checkpointing():
+    config = load_config("llama-2-7b")
+    off = memory.estimate_activations(config, batch=1, seq=512)
+    on = memory.estimate_activations(config, batch=1, seq=512, checkpointing=True)
+    assert on.bytes < off.bytes and off.note == "estimate"
+    with pytest.raises(ValueError, match=r"Invalid batch: 0; accepted: an integer >= 1"):
+        memory.estimate_activations(config, batch=0, seq=8)
+
+
+@pytest.mark.parametrize(
+    "text,expected", [("24GiB", 24 * 2**30), ("80 GB", 80 * 10**9), ("1.5MiB", int(1.5 * 2**20)), ("1024", 1024)]
+)
+def test_parse_size(text, expected):
+    assert memory.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["24 gallons", "-3GB", "GB", ""])
+def test_parse_size_refuses_garbage(text):
+    with pytest.raises(ValueError, match=r"Invalid size: .*accepted: a positive number with a unit"):
+        memory.parse_size(text)
+
+
+def test_bad_inputs_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"Unknown preset: 'llama-9b'; accepted: llama-2-7b, llama-3-8b"):
+        load_config("llama-9b")
+    broken = tmp_path / "config.json"
+    broken.write_text("{not json")
+    with pytest.raises(ValueError, match=r"Unreadable config: .*config.json"):
+        load_config(config=broken)
+    with pytest.raises(ValueError, match=r"Unreadable config"):
+        load_config(config=tmp_path / "missing")
+    model = build_model(load_config("llama-tiny"))
+    with pytest.raises(ValueError, match=r"Unknown method\(s\): \['sgd'\]; accepted: adam, badam, lora, lomo"):
+        memory.estimate(model, methods=["sgd"])
+    with pytest.raises(ValueError, match=r"LoRA targets: \['c_attn'\] match no linear layer; .* named .*q_proj"):
+        memory.estimate(model, methods=["lora"], lora_targets=["c_attn"])
+
+
+def test_config_file_and_model_directory(tmp_path):
+    config = load_config("llama-tiny")
+    config.save_pretrained(tmp_path)  # a local model directory holding config.json
+    from_dir = build_model(load_config(config=tmp_path))
+    from_file = build_model(load_config(config=tmp_path / "config.json"))
+    count = sum(p.numel() for p in build_model(config).parameters())
+    assert sum(p.numel() for p in from_dir.parameters()) == sum(p.numel() for p in from_file.parameters()) == count
+
+
+def test_every_preset_builds_on_meta():
+    for name in PRESETS:
+        model = build_model(load_config(name))
+        assert next(model.parameters()).device.type == "meta"
+
+
+def test_cli_json_and_budget_verdict(capsys):
+    assert main(["memory", "--preset", "llama-2-7b", "--budget", "24GiB", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [m["method"] for m in report["methods"]] == ["adam", "badam", "lora", "lomo"]
+    assert report["verdict"].startswith("budget 24GiB: fits: badam, lora, lomo; does not fit: adam")
+
+
+def test_cli_table_names_the_largest_block(capsys):
+    assert main(["memory", "--preset", "llama-3-8b", "--method", "badam", "--partition-option", "include_embedding=true",
+                 "--partition-option", "include_head=true"]) == 0
+    out = capsys.readouterr().out
+    assert "the largest, head (525.3M parameters" in out
+
+
+def test_cli_errors(capsys):
+    assert main(["memory", "--preset", "nope"]) == 2
+    assert "Unknown preset: 'nope'" in capsys.readouterr().err
+    assert main(["memory", "--preset", "gpt2", "--budget", "lots"]) == 2
+    assert "Invalid size: 'lots'" in capsys.readouterr().err
+    assert main(["memory", "--preset", "gpt2", "--method", "sgd"]) == 2
+    assert "Unknown method: 'sgd'; accepted: adam, badam, lora, lomo, all" in capsys.readouterr().err
+
+
+def test_tensorboard_memory_logger(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from bcd.integrations.tensorboard import attach_memory_logger
+
+    case = CASES["llama"]
+    model = case.model(dtype=torch.bfloat16)
+    optimizer = bcd.BAdam(model, lr=1e-3, switch_every=2)
+    writer = SummaryWriter(tmp_path)
+    handle = attach_memory_logger(writer, model, optimizer)
+    for step in range(3):
+        case.loss(model, step).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    handle.remove()
+    writer.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert {"memory/gradients_MB", "memory/solver_state_MB", "memory/master_copies_MB",
+            "memory/weights_bfloat16_MB"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("memory/gradients_MB")] == [0, 1, 2]
+    assert all(e.value > 0 for e in events.Scalars("memory/gradients_MB"))
