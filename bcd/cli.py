@@ -37,8 +37,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bf16", help=f"training dtype of the model: {', '.join(DTYPES)} (default bf16)")
     parser.add_argument("--partition", default="layer", help="BAdam's partitioner (default layer)")
     parser.add_argument("--partition-option", action="append", metavar="KEY=VALUE",
-                        help="an option for the partitioner, repeatable; JSON values "
-                             "(default for layer: include_embedding=false include_head=false, as bcd.BAdam)")
+                        help="an option for the partitioner, repeatable; JSON values. Defaults for layer: "
+                             "'memory' follows bcd.BAdam (include_embedding=false include_head=false), "
+                             "'profile' profiles every block (both true)")
 
 
 def _memory(args: argparse.Namespace) -> int:
@@ -117,6 +118,45 @@ def _plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from bcd import profiler
+    from bcd.presets import build_model, load_config, parse_dtype
+
+    device = profiler.check_device(args.device)
+    for label in ("batch", "seq", "repeats"):
+        value = getattr(args, label)
+        if value < 1:
+            raise ValueError(f"Invalid --{label}: {value}; accepted: an integer >= 1.")
+    config = load_config(args.preset, args.config)
+    model = build_model(config, dtype=parse_dtype(args.dtype), device=device)
+    options = {"include_embedding": True, "include_head": True} if args.partition == "layer" else {}
+    options.update(_options(args.partition_option, "--partition-option"))
+    console = Console(width=max(Console().width, 120))
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("profiling", total=None)
+        result = profiler.profile(
+            model, batch=args.batch, seq=args.seq, partitioner=args.partition, partitioner_options=options,
+            repeats=args.repeats, warmup=args.warmup, use_checkpointing=args.checkpointing,
+            progress=lambda label: bar.update(task, description=f"profiling {label}"),
+            name=args.preset or args.config,
+        )
+    from bcd import profile_report
+
+    console.print(profile_report.table(result))
+    console.print(profile_report.summary(result), highlight=False)
+    if args.json:
+        profile_report.write_json(result, args.json)
+    if args.csv:
+        profile_report.write_csv(result, args.csv)
+    if args.plot:
+        profile_report.plot(result, args.plot)
+    if args.tensorboard:
+        profile_report.write_tensorboard(result, args.tensorboard)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bcd",
@@ -151,6 +191,28 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--budget", help="a memory budget, e.g. 24GiB or 80GB: prints which methods fit")
     mem.add_argument("--json", action="store_true", help="print JSON instead of a table")
     mem.set_defaults(run=_memory)
+
+    prof = commands.add_parser(
+        "profile",
+        help="measure forward/backward time and FLOPs with each block active alone",
+        description="Activate each block alone and measure forward and backward time (median of repeats, min, max) "
+        "and FLOPs, beside full backward ('all blocks') and forward only ('no block'); then predict a block-epoch's "
+        "backward cost: the paper's coarse (D+1)/(2D), the refined (D+2)/(4D) + head share, the FLOP-based figure "
+        "and the measured time ratio. The model is built from its config with random weights.",
+    )
+    _add_model_arguments(prof)
+    prof.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
+    prof.add_argument("--seq", type=int, default=512, help="sequence length (default 512)")
+    prof.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    prof.add_argument("--repeats", type=int, default=5, help="timed runs per block (default 5)")
+    prof.add_argument("--warmup", type=int, default=1, help="untimed runs per block first (default 1)")
+    prof.add_argument("--checkpointing", action="store_true",
+                      help="enable non-reentrant activation checkpointing (backward savings kept)")
+    prof.add_argument("--json", metavar="FILE", help="write the profile as JSON (schema: docs/profile.schema.json)")
+    prof.add_argument("--csv", metavar="FILE", help="write one row per block as CSV")
+    prof.add_argument("--plot", metavar="FILE.png", help="plot backward time and FLOPs by depth")
+    prof.add_argument("--tensorboard", metavar="DIR", help="write the profile as TensorBoard scalars")
+    prof.set_defaults(run=_profile)
     return parser
 
 

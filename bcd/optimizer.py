@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bcd import plugins
+from bcd import checkpointing, plugins
 from bcd.blocks import Block, Partition, trainable_parameters
 from bcd.events import BlockSwitch
 from bcd.precision import MasterCopies, needs_master
@@ -112,6 +112,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         self._solver_factory = plugins.lookup("solver", solver).factory
         self._solver_options = solver_options
         defaults = self._probe_solver()
+        checkpointing.make_compatible(model)
 
         super().__init__(self._outer_groups(model, no_decay, groups), defaults)
 
@@ -135,6 +136,8 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         self._step_in_block = 0
         self._global_step = 0
         self._activate(self._order[0], reason="start")
+        # Checkpointing switched on later (the Trainer does) must not run backward through frozen blocks.
+        self._checkpointing_guard = checkpointing.guard(model)
 
     # ------------------------------------------------------------------ construction helpers
 

@@ -1,0 +1,74 @@
+"""Activation (gradient) checkpointing that keeps the backward savings of block-coordinate training.
+
+transformers' ``gradient_checkpointing_enable()`` / ``activation_checkpointing_enable()`` also
+calls ``enable_input_require_grads()`` on models fed ``input_ids``: a forward hook makes the
+embedding output require grad, so backward runs through every frozen layer down to the input and
+the saving of training one block is silently lost. Non-reentrant checkpointing (the default
+there) does not need that hook, so bcd removes it. Reentrant checkpointing cannot work with a
+frozen input — the lowest active layer would get no gradient (the reference's "element 0 of
+tensors does not require grad") — so it is refused with an error that says how to fix it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+logger = logging.getLogger("bcd")
+
+
+def make_compatible(model: nn.Module) -> bool:
+    """Remove transformers' input-require-grads hooks; refuse reentrant checkpointing.
+
+    Returns:
+        True if hooks were removed.
+
+    Raises:
+        ValueError: checkpointing is enabled with ``use_reentrant=True``.
+    """
+    removed = False
+    for name, module in model.named_modules():
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if getattr(module, "gradient_checkpointing", False) and getattr(func, "keywords", {}).get("use_reentrant"):
+            raise ValueError(
+                f"Reentrant activation checkpointing is enabled (on {name or type(module).__name__}): with frozen "
+                "blocks below the active one its input does not require grad and the active layer would get no "
+                "gradient. Accepted: non-reentrant checkpointing, e.g. model.gradient_checkpointing_enable("
+                "gradient_checkpointing_kwargs={'use_reentrant': False})."
+            )
+        if getattr(module, "_require_grads_hooks", None) and hasattr(module, "disable_input_require_grads"):
+            module.disable_input_require_grads()
+            removed = True
+    if removed:
+        logger.warning(
+            "bcd: removed the input-require-grads hook that transformers installs with gradient checkpointing; "
+            "non-reentrant checkpointing does not need it, and it would run backward through every frozen layer."
+        )
+    return removed
+
+
+def enable(model: nn.Module) -> None:
+    """Turn on non-reentrant activation checkpointing for a transformers model, savings kept."""
+    enable_fn = getattr(model, "activation_checkpointing_enable", None) or getattr(model, "gradient_checkpointing_enable", None)
+    if enable_fn is None:
+        raise ValueError(f"Invalid model for checkpointing: {type(model).__name__} is not a transformers model.")
+    if enable_fn.__name__ == "activation_checkpointing_enable":
+        enable_fn(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        enable_fn(gradient_checkpointing_kwargs={"use_reentrant": False})
+    make_compatible(model)
+
+
+def guard(model: nn.Module) -> RemovableHandle:
+    """Check before every forward that checkpointing, if enabled since, keeps the savings.
+
+    Checkpointing is often switched on after the optimizer is built (the Trainer does so), so a
+    construction-time check is not enough. The check is a few attribute reads per forward.
+    """
+
+    def pre_forward(module: nn.Module, args) -> None:
+        make_compatible(module)
+
+    return model.register_forward_pre_hook(pre_forward)

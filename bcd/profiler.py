@@ -1,0 +1,295 @@
+r"""Backward cost by block: what training one block at a time saves, measured on your model.
+
+With block :math:`i` alone active, autograd computes weight gradients for that block only and
+stops below its lowest parameter. For each block the profiler measures forward and backward
+time (warm-up, repeats, median with min and max; synchronised on CUDA) and counts their FLOPs
+with ``torch.utils.flop_counter.FlopCounterMode`` (deterministic), beside "all blocks" (full
+backward) and "no block" (forward only).
+
+Block-epoch prediction over D uniform layers, relative to full backward:
+
+- the paper's coarse count: :math:`D(D+1)/2` unit passes instead of :math:`D^2`, i.e. :math:`(D+1)/(2D)`;
+- the refined count (DESIGN.md): a layer's backward is an input-gradient half and a
+  weight-gradient half; with layer :math:`i` active the layers above cost their input half, the
+  active layer its weight half and about half its input half, so a block-epoch costs
+  :math:`(D+2)/(4D)`, plus the head's share (its backward when it is the active block);
+- the FLOP-based figure (mean of the layers' backward FLOP ratios) and the measured time ratio.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from bcd import checkpointing, plugins
+from bcd.blocks import trainable_parameters
+
+EDGE_BLOCKS = ("embedding", "head")
+
+
+@attrs.frozen(kw_only=True)
+class Timing:
+    """Seconds: median, min and max over the repeats."""
+
+    median: float
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, values: list[float]) -> Timing:
+        return cls(median=statistics.median(values), min=min(values), max=max(values))
+
+
+@attrs.frozen(kw_only=True)
+class BlockProfile:
+    """Forward and backward cost with one block active (or all, or none).
+
+    Attributes:
+        name: the block's name, ``"all blocks"`` or ``"no block"``.
+        depth: index in the partition (input to output); -1 for all, -2 for none.
+        params: parameters trained.
+        forward_flops, backward_flops: counted FLOPs (backward 0 for "no block").
+        backward_flops_ratio: backward FLOPs relative to the full backward.
+        forward_time: forward timing.
+        backward_time: backward timing (None for "no block").
+        backward_time_ratio: median backward time relative to the full backward's.
+        memory_delta: peak memory of forward + backward above what was held before (CUDA only).
+    """
+
+    name: str
+    depth: int
+    params: int
+    forward_flops: int
+    backward_flops: int
+    backward_flops_ratio: float
+    forward_time: Timing
+    backward_time: Timing | None
+    backward_time_ratio: float | None
+    memory_delta: int | None
+
+
+@attrs.frozen(kw_only=True)
+class EpochPrediction:
+    """Backward cost of one block-epoch relative to full-parameter backward.
+
+    Attributes:
+        blocks: D, the blocks averaged over (the ``layer`` partition's embedding and head blocks
+            are left out, as in bcd.BAdam).
+        coarse: the paper's :math:`(D+1)/(2D)`.
+        refined: :math:`(D+2)/(4D)` + ``head_share``.
+        head_share: the head block's backward FLOP ratio (0 without a head block).
+        flops: mean backward FLOP ratio over the blocks.
+        time: mean backward time ratio over the blocks.
+    """
+
+    blocks: int
+    coarse: float
+    refined: float
+    head_share: float
+    flops: float
+    time: float
+
+
+@attrs.frozen(kw_only=True)
+class Profile:
+    """A whole profile; ``attrs.asdict`` of it is the JSON the CLI writes (docs/profile.schema.json)."""
+
+    model: str
+    batch: int
+    seq: int
+    dtype: str
+    device: str
+    checkpointing: bool
+    repeats: int
+    blocks: tuple[BlockProfile, ...]
+    full: BlockProfile
+    none: BlockProfile
+    epoch: EpochPrediction
+
+
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch device, if it is usable here.
+
+    Raises:
+        ValueError: unknown or unavailable device.
+    """
+    if device == "cpu":
+        return torch.device("cpu")
+    if device.split(":")[0] == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"Unavailable device: {device!r} (torch.cuda.is_available() is False here); accepted: cpu.")
+        return torch.device(device)
+    raise ValueError(f"Unknown device: {device!r}; accepted: cpu, cuda, cuda:N.")
+
+
+def default_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The model's own loss on ``input_ids`` (labels = inputs, or class 0 for classifiers)."""
+    if type(model).__name__.endswith("ForSequenceClassification"):
+        labels = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    else:
+        labels = input_ids
+    output = model(input_ids=input_ids, labels=labels)
+    loss = getattr(output, "loss", None)
+    return loss if loss is not None else output[0].float().sum()
+
+
+def profile(
+    model: nn.Module,
+    *,
+    batch: int = 8,
+    seq: int = 512,
+    vocab_size: int | None = None,
+    partitioner: str = "layer",
+    partitioner_options: Mapping[str, Any] | None = None,
+    repeats: int = 5,
+    warmup: int = 1,
+    use_checkpointing: bool = False,
+    loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] = default_loss,
+    progress: Callable[[str], None] | None = None,
+    name: str | None = None,
+) -> Profile:
+    """Profile forward and backward with each block of the partition active alone.
+
+    Args:
+        model: the model, on the device and in the dtype to profile.
+        batch: batch size, at least 1.
+        seq: sequence length, at least 1.
+        vocab_size: token ids are drawn below it (default: ``model.config.vocab_size``).
+        partitioner: the partitioner (default ``layer``, embedding and head included).
+        partitioner_options: its options.
+        repeats: timed runs per block, at least 1.
+        warmup: untimed runs first.
+        use_checkpointing: enable non-reentrant activation checkpointing (savings kept).
+        loss_fn: ``loss_fn(model, input_ids) -> scalar`` (default: the model's own loss).
+        progress: called with a label before each configuration is measured.
+        name: a label for the model.
+
+    Raises:
+        ValueError: batch, seq or repeats below 1, or an invalid partition.
+    """
+    for label, value in (("batch", batch), ("seq", seq), ("repeats", repeats)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"Invalid {label}: {value!r}; accepted: an integer >= 1.")
+    params = trainable_parameters(model)
+    partition = plugins.create("partitioner", partitioner, dict(partitioner_options or {})).partition(model, params, 0)
+    if use_checkpointing:
+        checkpointing.enable(model)
+    model.train()
+    first = next(iter(params.values()))
+    device = first.device
+    vocab = vocab_size or getattr(getattr(model, "config", None), "vocab_size", None) or 2
+    input_ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def activate(active: set[str]) -> None:
+        for n, p in params.items():
+            p.requires_grad_(n in active)
+            p.grad = None
+
+    def count(active: set[str]) -> tuple[int, int]:
+        activate(active)
+        with FlopCounterMode(display=False) as counter:
+            loss = loss_fn(model, input_ids)
+        forward = counter.get_total_flops()
+        if not active:
+            return forward, 0
+        with FlopCounterMode(display=False) as counter:
+            loss.backward()
+        return forward, counter.get_total_flops()
+
+    def timed(active: set[str]) -> tuple[float, float, int | None]:
+        activate(active)
+        if device.type == "cuda":
+            sync()
+            baseline = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        sync()
+        start = time.perf_counter()
+        loss = loss_fn(model, input_ids)
+        sync()
+        middle = time.perf_counter()
+        if active:
+            loss.backward()
+        sync()
+        end = time.perf_counter()
+        memory = torch.cuda.max_memory_allocated(device) - baseline if device.type == "cuda" else None
+        return middle - start, end - middle, memory
+
+    configs = [("all blocks", -1, set(partition.param_names))]
+    configs += [(block.name, i, set(block.param_names)) for i, block in enumerate(partition)]
+    configs.append(("no block", -2, set()))
+    try:
+        flops = []
+        for label, _, active in configs:
+            if progress:
+                progress(f"counting FLOPs: {label}")
+            flops.append(count(active))
+        # Round-robin over the configurations, so that drift in machine speed hits all alike.
+        samples: list[list[tuple[float, float, int | None]]] = [[] for _ in configs]
+        for round_index in range(warmup + repeats):
+            if progress:
+                progress(f"timing: round {round_index + 1} of {warmup + repeats}")
+            for index, (_, _, active) in enumerate(configs):
+                sample = timed(active)
+                if round_index >= warmup:
+                    samples[index].append(sample)
+    finally:
+        activate(set(params))
+
+    full_backward = Timing.of([s[1] for s in samples[0]])
+    profiles = []
+    for (label, depth, active), (forward_flops, backward_flops), runs in zip(configs, flops, samples):
+        backward = Timing.of([s[1] for s in runs]) if active else None
+        memories = [s[2] for s in runs if s[2] is not None]
+        profiles.append(BlockProfile(
+            name=label,
+            depth=depth,
+            params=sum(params[n].numel() for n in active),
+            forward_flops=forward_flops,
+            backward_flops=backward_flops,
+            backward_flops_ratio=backward_flops / flops[0][1] if flops[0][1] else 0.0,
+            forward_time=Timing.of([s[0] for s in runs]),
+            backward_time=backward,
+            backward_time_ratio=backward.median / full_backward.median if backward else None,
+            memory_delta=max(memories) if memories else None,
+        ))
+    full, *blocks, none = profiles
+    blocks = tuple(blocks)
+    return Profile(
+        model=name or type(model).__name__,
+        batch=batch,
+        seq=seq,
+        dtype=str(first.dtype).removeprefix("torch."),
+        device=str(device),
+        checkpointing=use_checkpointing,
+        repeats=repeats,
+        blocks=blocks,
+        full=full,
+        none=none,
+        epoch=predict_epoch(blocks, partitioner),
+    )
+
+
+def predict_epoch(blocks: tuple[BlockProfile, ...], partitioner: str = "layer") -> EpochPrediction:
+    """The block-epoch figures from per-block profiles (see the module docstring)."""
+    edges = EDGE_BLOCKS if partitioner == "layer" else ()
+    inner = [b for b in blocks if b.name not in edges] or list(blocks)
+    head = next((b for b in blocks if b.name == "head" and "head" in edges), None)
+    d = len(inner)
+    head_share = head.backward_flops_ratio if head else 0.0
+    times = [b.backward_time_ratio for b in inner if b.backward_time_ratio is not None]
+    return EpochPrediction(
+        blocks=d,
+        coarse=(d + 1) / (2 * d),
+        refined=(d + 2) / (4 * d) + head_share,
+        head_share=head_share,
+        flops=sum(b.backward_flops_ratio for b in inner) / d,
+        time=sum(times) / len(times) if times else float("nan"),
+    )
