@@ -133,7 +133,7 @@ def _profile(args: argparse.Namespace) -> int:
     model = build_model(config, dtype=parse_dtype(args.dtype), device=device)
     options = {"include_embedding": True, "include_head": True} if args.partition == "layer" else {}
     options.update(_options(args.partition_option, "--partition-option"))
-    console = Console(width=max(Console().width, 120))
+    console = Console(width=max(Console().width, 170))
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("profiling", total=None)
         result = profiler.profile(
