@@ -131,6 +131,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
             )
         self._solver: torch.optim.Optimizer | None = None
         self._masters: MasterCopies | None = None
+        self._active_params: list[nn.Parameter] = []
         self._active: int | None = None
         self._position = 0
         self._step_in_block = 0
@@ -254,43 +255,37 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         return list(self._order)
 
     @property
-    def solver(self) -> torch.optim.Optimizer:
-        """The inner solver over the active block (replaced at every switch)."""
+    def solver(self) -> torch.optim.Optimizer | None:
+        """The inner solver over the active block; None until the visit's first step.
+
+        It is built at the first ``step()`` of each visit (and dropped at the switch), so that
+        weights loaded into the model after a switch or after construction are what the fp32
+        master copies start from.
+        """
         return self._solver
 
     @property
-    def master_copies(self) -> MasterCopies:
-        """The active block's master copies (the parameters themselves where fp32)."""
+    def master_copies(self) -> MasterCopies | None:
+        """The active block's master copies (the parameters themselves where fp32); None like :attr:`solver`."""
         return self._masters
 
     # ------------------------------------------------------------------ switching
 
     def _release(self) -> None:
         """Freeze the active block and drop the solver and master copies, so their memory is freed."""
-        if self._masters is None:
-            return
-        for param in self._masters.params:
+        for param in self._active_params:
             param.requires_grad_(False)
             param.grad = None
+        self._active_params = []
         self._solver = None
         self._masters = None
 
     def _activate(self, index: int, *, reason: str, previous: Block | None = None) -> None:
         self._release()
         block = self.partition[index]
-        params = [self._candidates[n] for n in block.param_names]
-        for param in params:
+        self._active_params = [self._candidates[n] for n in block.param_names]
+        for param in self._active_params:
             param.requires_grad_(True)
-        self._masters = MasterCopies(params, block.param_names)
-        master_of = {n: m for n, m in zip(block.param_names, self._masters.solver_params)}
-        solver_groups, self._solver_group_index = [], []
-        for index_in_outer, (group, names) in enumerate(zip(self.param_groups, self._group_names)):
-            in_block = [master_of[n] for n in names if n in master_of]
-            if in_block:
-                hyper = {k: v for k, v in group.items() if k != "params"}
-                solver_groups.append({**hyper, "params": in_block})
-                self._solver_group_index.append(index_in_outer)
-        self._solver = self._solver_factory(solver_groups, **self._solver_options)
         self._active = index
         self._step_in_block = 0
         plugins.pm.hook.block_switched(
@@ -324,6 +319,22 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         else:
             self._activate(index, reason="switch", previous=previous)
 
+    def _ensure_solver(self) -> None:
+        """Build the master copies and the solver for the active block, from its current weights."""
+        if self._solver is not None:
+            return
+        block = self.active_block
+        self._masters = MasterCopies(self._active_params, block.param_names)
+        master_of = dict(zip(block.param_names, self._masters.solver_params))
+        solver_groups, self._solver_group_index = [], []
+        for index_in_outer, (group, names) in enumerate(zip(self.param_groups, self._group_names)):
+            in_block = [master_of[n] for n in names if n in master_of]
+            if in_block:
+                hyper = {k: v for k, v in group.items() if k != "params"}
+                solver_groups.append({**hyper, "params": in_block})
+                self._solver_group_index.append(index_in_outer)
+        self._solver = self._solver_factory(solver_groups, **self._solver_options)
+
     # ------------------------------------------------------------------ stepping
 
     def _sync_hyperparameters(self) -> None:
@@ -346,6 +357,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._ensure_solver()
         self._sync_hyperparameters()
         self._masters.grads_in()
         self._solver.step()
@@ -384,8 +396,9 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
                 {**{k: v for k, v in group.items() if k != "params"}, "params": list(names)}
                 for group, names in zip(self.param_groups, self._group_names)
             ],
-            "solver_state": self._solver.state_dict(),
-            "master_copies": self._masters.state_dict(),
+            # None and {} before the visit's first step: nothing to restore but the position.
+            "solver_state": self._solver.state_dict() if self._solver is not None else None,
+            "master_copies": self._masters.state_dict() if self._masters is not None else {},
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -434,6 +447,8 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         if active != order[schedule["position"]] and not (len(set(order)) == 1 and active == order[0]):
             raise ValueError(f"Invalid state dict: active block {active} is not at position {schedule['position']} of {order}.")
         expected_masters = {n for n in partition[active].param_names if needs_master(self._candidates[n])}
+        if state_dict["solver_state"] is None:
+            expected_masters = set()
         if set(state_dict["master_copies"]) != expected_masters:
             raise ValueError(
                 "Invalid state dict: its master copies do not match the active block's low-precision "
@@ -446,13 +461,15 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         self._epoch, self._position, self._order = epoch, schedule["position"], order
         self._global_step = schedule["global_step"]
         self._activate(active, reason="resume")
-        self._solver.load_state_dict(state_dict["solver_state"])
-        self._masters.load_state_dict(state_dict["master_copies"])
+        if state_dict["solver_state"] is not None:
+            self._ensure_solver()
+            self._solver.load_state_dict(state_dict["solver_state"])
+            self._masters.load_state_dict(state_dict["master_copies"])
         self._step_in_block = schedule["step_in_block"]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Only used while constructing: the groups follow the partition, fixed for a run."""
-        if getattr(self, "_solver", None) is not None:
+        if hasattr(self, "_active"):
             raise NotImplementedError(
                 "BlockCoordinateOptimizer does not take parameter groups after construction; "
                 "pass groups=... when building it."

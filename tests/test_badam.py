@@ -26,7 +26,9 @@ def test_badam_equals_its_hand_built_composition():
 
 
 def test_badam_defaults_are_the_documented_ones():
-    optimizer = bcd.BAdam(CASES["gpt2"].model())
+    model = CASES["gpt2"].model()
+    optimizer = bcd.BAdam(model)
+    train(model, optimizer, CASES["gpt2"], 1)
     assert [b.name for b in optimizer.blocks] == ["transformer.h.0", "transformer.h.1"]
     assert optimizer.switch_every == 100
     group = optimizer.param_groups[0]

@@ -146,7 +146,8 @@ def test_state_dict_with_other_settings_is_refused(change, match):
 
 def test_state_dict_from_another_dtype_is_refused():
     case = CASES["llama"]
-    _, saved = make(case, torch.bfloat16, "ascending")
+    model, saved = make(case, torch.bfloat16, "ascending")
+    train(model, saved, case, 1)  # mid-visit: master copies exist
     _, other = make(case, torch.float32, "ascending")
     with pytest.raises(ValueError, match="dtype"):
         other.load_state_dict(saved.state_dict())

@@ -1,0 +1,96 @@
+"""bcd with the transformers Trainer.
+
+The optimizer needs no adapter: ``Trainer(..., optimizers=(bcd.BAdam(model, ...), None))`` works
+with the Trainer's LR scheduler, gradient accumulation, ``max_grad_norm`` clipping, bf16,
+periodic checkpoints and ``resume_from_checkpoint`` (bcd's state dict carries the whole block
+schedule). This module adds the two conveniences:
+
+- :func:`badam_from_training_args` builds ``bcd.BAdam`` from ``TrainingArguments`` (lr, weight
+  decay with the usual no-decay group, betas, eps), so there is one source of truth;
+- :class:`BlockCoordinateCallback` (via :func:`attach`) adds the active block, block-epoch,
+  switches and memory by category to every log the Trainer writes, TensorBoard included.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from bcd.badam import BAdam
+from bcd.memory import measure
+from bcd.optimizer import BlockCoordinateOptimizer
+
+MB = 1e6
+
+
+def badam_from_training_args(model: nn.Module, args: TrainingArguments, **kwargs: Any) -> BAdam:
+    """``bcd.BAdam`` with the Trainer's optimizer settings.
+
+    ``learning_rate``, ``weight_decay`` (biases and norm weights exempt, as the Trainer does),
+    ``adam_beta1``/``adam_beta2`` and ``adam_epsilon`` come from ``args``; ``kwargs`` go to
+    :class:`bcd.BAdam` (``switch_every``, ``order``, ``seed``, ...) and win over ``args``.
+    """
+    settings: dict[str, Any] = {
+        "lr": args.learning_rate,
+        "weight_decay": args.weight_decay,
+        "betas": (args.adam_beta1, args.adam_beta2),
+        "eps": args.adam_epsilon,
+        "no_decay": True,
+    }
+    settings.update(kwargs)
+    return BAdam(model, **settings)
+
+
+def _unwrap(optimizer: Any) -> BlockCoordinateOptimizer | None:
+    """bcd's optimizer inside accelerate's wrapper, or None."""
+    while optimizer is not None and not isinstance(optimizer, BlockCoordinateOptimizer):
+        optimizer = getattr(optimizer, "optimizer", None)
+    return optimizer
+
+
+class BlockCoordinateCallback(TrainerCallback):
+    """Adds ``bcd/*`` entries to the Trainer's logs: active block, block-epoch, switches, memory.
+
+    Register it with :func:`attach`, which puts it first among the Trainer's callbacks: a
+    callback can only add to a log before the reporting callbacks (TensorBoard, ...) write it.
+
+    Args:
+        memory: also log memory by category (MB), measured at each log.
+    """
+
+    def __init__(self, memory: bool = True) -> None:
+        self.memory = memory
+        self.switches = 0
+        self._last_solver = None
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        bcd_optimizer = _unwrap(optimizer)
+        if bcd_optimizer is not None:
+            if self._last_solver is not None and bcd_optimizer.solver is not self._last_solver:
+                self.switches += 1
+            self._last_solver = bcd_optimizer.solver
+
+    def on_log(self, args, state, control, logs=None, model=None, optimizer=None, **kwargs):
+        bcd_optimizer = _unwrap(optimizer)
+        if bcd_optimizer is None or logs is None:
+            return
+        logs["bcd/active_block"] = bcd_optimizer.active_block_index
+        logs["bcd/block_epoch"] = bcd_optimizer.block_epoch
+        logs["bcd/step_in_block"] = bcd_optimizer.step_in_block
+        logs["bcd/switches"] = self.switches
+        if self.memory and model is not None:
+            live = measure(model, bcd_optimizer)
+            logs["bcd/memory_weights_MB"] = sum(live.parameters.values()) / MB
+            logs["bcd/memory_solver_state_MB"] = live.solver_state / MB
+            logs["bcd/memory_master_copies_MB"] = live.master_copies / MB
+            if live.cuda_peak is not None:
+                logs["bcd/memory_cuda_peak_MB"] = live.cuda_peak / MB
+
+
+def attach(trainer: Trainer, memory: bool = True) -> BlockCoordinateCallback:
+    """Put a :class:`BlockCoordinateCallback` first among ``trainer``'s callbacks and return it."""
+    callback = BlockCoordinateCallback(memory=memory)
+    trainer.callback_handler.callbacks.insert(0, callback)
+    return callback
