@@ -1,0 +1,82 @@
+"""bcd with the transformers Trainer: exact resume, the TrainingArguments helper, the callback."""
+
+from __future__ import annotations
+
+import torch
+from datasets import Dataset
+from transformers import Trainer, TrainingArguments
+
+import bcd
+from bcd.integrations.transformers import BlockCoordinateCallback, attach, badam_from_training_args
+
+from conftest import tiny_llama
+
+
+def dataset() -> Dataset:
+    ids = torch.randint(0, 64, (24, 12), generator=torch.Generator().manual_seed(0)).tolist()
+    return Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+
+def arguments(output_dir, **overrides) -> TrainingArguments:
+    settings = dict(
+        output_dir=str(output_dir), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_grad_norm=0.5,
+        lr_scheduler_type="cosine", learning_rate=1e-2, weight_decay=0.1, max_steps=10, logging_steps=1,
+        save_steps=100, report_to=[], use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0, disable_tqdm=True,
+    )
+    settings.update(overrides)
+    return TrainingArguments(**settings)
+
+
+def run(args: TrainingArguments, resume: str | None = None):
+    torch.manual_seed(0)
+    model = tiny_llama(layers=3).to(torch.bfloat16)
+    optimizer = badam_from_training_args(model, args, switch_every=3, order="random", seed=1)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset(), optimizers=(optimizer, None))
+    attach(trainer)
+    trainer.train(resume_from_checkpoint=resume)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return losses, model, trainer
+
+
+def test_resume_from_a_mid_block_checkpoint_is_bit_identical(tmp_path):
+    uninterrupted, reference, _ = run(arguments(tmp_path / "a"))
+    run(arguments(tmp_path / "b", save_steps=4))  # K = 3: step 4 is mid-block
+    resumed, model, trainer = run(arguments(tmp_path / "b", save_steps=4), resume=str(tmp_path / "b" / "checkpoint-4"))
+    assert resumed == uninterrupted
+    for (name, a), (_, b) in zip(model.named_parameters(), reference.named_parameters()):
+        assert torch.equal(a, b), name
+    saved = torch.load(tmp_path / "b" / "checkpoint-4" / "optimizer.pt", weights_only=True)
+    assert saved["schedule"]["step_in_block"] == 1 and saved["schedule"]["global_step"] == 4
+
+
+def test_training_arguments_reach_the_optimizer(tmp_path):
+    args = arguments(tmp_path, learning_rate=3e-4, weight_decay=0.05, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6)
+    optimizer = badam_from_training_args(tiny_llama(layers=2), args, switch_every=7)
+    assert isinstance(optimizer, bcd.BAdam) and optimizer.switch_every == 7
+    decayed, exempt = optimizer.param_groups
+    assert (decayed["lr"], decayed["betas"], decayed["eps"], decayed["weight_decay"]) == (3e-4, (0.8, 0.95), 1e-6, 0.05)
+    assert exempt["weight_decay"] == 0.0 and all(p.ndim == 1 for p in exempt["params"])
+
+
+def test_callback_logs_block_and_memory_to_the_trainers_loggers(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = arguments(tmp_path, report_to=["tensorboard"], max_steps=8)
+    _, _, trainer = run(args)
+    assert isinstance(trainer.callback_handler.callbacks[0], BlockCoordinateCallback)
+    events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert {"train/bcd/active_block", "train/bcd/memory_solver_state_MB", "train/loss"} <= set(events.Tags()["scalars"])
+    # One per logging step, and once more with the end-of-training summary.
+    assert [e.value for e in events.Scalars("train/bcd/step_in_block")] == [1, 2, 0, 1, 2, 0, 1, 2, 2]
+    assert events.Scalars("train/bcd/switches")[-1].value == 2
+    assert events.Scalars("train/bcd/memory_master_copies_MB")[-1].value > 0
+
+
+def test_gradient_checkpointing_through_the_trainer(tmp_path):
+    plain, reference, _ = run(arguments(tmp_path / "a", max_steps=4))
+    checkpointed, model, _ = run(arguments(tmp_path / "b", max_steps=4, gradient_checkpointing=True))
+    assert model.is_activation_checkpointing and not getattr(model, "_require_grads_hooks", None)
+    for (name, a), (_, b) in zip(model.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
+    assert checkpointed == plain
