@@ -16,6 +16,8 @@ computes no weight gradient for frozen blocks and stops below the lowest active 
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -33,6 +35,15 @@ STATE_FORMAT = "bcd.BlockCoordinateOptimizer/1"
 
 class PrecisionNote(UserWarning):
     """A note that the model's precision costs memory bcd could save."""
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside bcd (e.g. BAdam's caller)."""
+    package = os.path.dirname(__file__)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class BlockCoordinateOptimizer(torch.optim.Optimizer):
@@ -127,7 +138,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
                 "(model.to(torch.bfloat16)) keeps fp32 master copies for the active block only and "
                 "needs about half the memory.",
                 PrecisionNote,
-                stacklevel=2,
+                stacklevel=_caller_stacklevel(),
             )
         self._solver: torch.optim.Optimizer | None = None
         self._masters: MasterCopies | None = None

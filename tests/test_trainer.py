@@ -70,6 +70,8 @@ def test_callback_logs_block_and_memory_to_the_trainers_loggers(tmp_path):
     # One per logging step, and once more with the end-of-training summary.
     assert [e.value for e in events.Scalars("train/bcd/step_in_block")] == [1, 2, 0, 1, 2, 0, 1, 2, 2]
     assert events.Scalars("train/bcd/switches")[-1].value == 2
+    assert [e.value for e in events.Scalars("train/bcd/switch_every")] == [3]
+    assert [e.value for e in events.Scalars("train/bcd/blocks")] == [3]
     assert events.Scalars("train/bcd/memory_master_copies_MB")[-1].value > 0
 
 

@@ -53,6 +53,8 @@ def _unwrap(optimizer: Any) -> BlockCoordinateOptimizer | None:
 class BlockCoordinateCallback(TrainerCallback):
     """Adds ``bcd/*`` entries to the Trainer's logs: active block, block-epoch, switches, memory.
 
+    The first log also carries ``bcd/switch_every`` (K) and ``bcd/blocks`` (D).
+
     Register it with :func:`attach`, which puts it first among the Trainer's callbacks: a
     callback can only add to a log before the reporting callbacks (TensorBoard, ...) write it.
 
@@ -64,6 +66,7 @@ class BlockCoordinateCallback(TrainerCallback):
         self.memory = memory
         self.switches = 0
         self._last_solver = None
+        self._settings_logged = False
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         bcd_optimizer = _unwrap(optimizer)
@@ -76,6 +79,11 @@ class BlockCoordinateCallback(TrainerCallback):
         bcd_optimizer = _unwrap(optimizer)
         if bcd_optimizer is None or logs is None:
             return
+        if not self._settings_logged:
+            # The run's bcd hyperparameters, once (the Trainer logs its own arguments itself).
+            logs["bcd/switch_every"] = bcd_optimizer.switch_every
+            logs["bcd/blocks"] = len(bcd_optimizer.blocks)
+            self._settings_logged = True
         logs["bcd/active_block"] = bcd_optimizer.active_block_index
         logs["bcd/block_epoch"] = bcd_optimizer.block_epoch
         logs["bcd/step_in_block"] = bcd_optimizer.step_in_block
