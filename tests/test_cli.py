@@ -29,3 +29,18 @@ def test_plugins_table_through_the_console_script():
 def test_help_names_every_command():
     result = subprocess.run([sys.executable, "-m", "bcd.cli", "--help"], capture_output=True, text=True, check=True)
     assert "plugins" in result.stdout
+
+
+def test_every_flag_of_every_command_has_help():
+    import argparse
+
+    from bcd.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(commands.choices) == {"plugins", "memory", "profile", "finetune"}
+    for name, sub in commands.choices.items():
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"bcd {name} {action.option_strings[0]} has no help"
+        assert sub.description, name
