@@ -52,6 +52,7 @@ class BAdam(BlockCoordinateOptimizer):
         include_embedding: train the embedding as a block of its own.
         include_head: train the head (final norm, output layer, rest) as a block of its own.
         no_decay: exempt biases and norm weights from weight decay.
+        data_parallel: average the active block's gradients across ranks (see :mod:`bcd.distributed`).
         **solver_options: further ``torch.optim.AdamW`` options (``foreach``, ``fused``, ``amsgrad``...).
     """
 
@@ -70,6 +71,7 @@ class BAdam(BlockCoordinateOptimizer):
         include_embedding: bool = False,
         include_head: bool = False,
         no_decay: bool = False,
+        data_parallel: bool = False,
         **solver_options: Any,
     ) -> None:
         order_options: dict[str, Any] = {}
@@ -88,4 +90,5 @@ class BAdam(BlockCoordinateOptimizer):
             solver="adamw",
             solver_options={"betas": betas, "eps": eps, "weight_decay": weight_decay, **solver_options},
             no_decay=no_decay,
+            data_parallel=data_parallel,
         )

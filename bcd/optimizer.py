@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bcd import checkpointing, plugins
+from bcd import checkpointing, distributed, plugins
 from bcd.blocks import Block, Partition, trainable_parameters
 from bcd.events import BlockSwitch
 from bcd.precision import MasterCopies, needs_master
@@ -71,6 +71,9 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         groups: optional parameter groups, torch-style: dicts with ``"params"`` (parameters or
             their qualified names) and hyperparameter overrides. Candidates in no group form the
             first, default group.
+        data_parallel: average the active block's gradients over the default process group as
+            backward produces them (bcd's own data parallelism: no DDP wrapper, communication
+            per step proportional to the block). See :mod:`bcd.distributed`.
 
     Raises:
         ValueError: any invalid argument, naming the value received and what is accepted.
@@ -90,9 +93,17 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         solver_options: Mapping[str, Any] | None = None,
         no_decay: bool = False,
         groups: Sequence[Mapping[str, Any]] | None = None,
+        data_parallel: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"Invalid model: {type(model).__name__}; accepted: a torch.nn.Module.")
+        distributed.check_supported(model)
+        if data_parallel and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise ValueError(
+                "Invalid data_parallel=True: torch.distributed is not initialized; call "
+                "torch.distributed.init_process_group first (torchrun does the rest), or leave data_parallel=False."
+            )
+        self.data_parallel = data_parallel
         if isinstance(switch_every, bool) or not isinstance(switch_every, int) or switch_every <= 0:
             raise ValueError(f"Invalid switch_every: {switch_every!r}; accepted: an integer >= 1.")
         solver_options = dict(solver_options or {})
@@ -143,6 +154,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         self._solver: torch.optim.Optimizer | None = None
         self._masters: MasterCopies | None = None
         self._active_params: list[nn.Parameter] = []
+        self._sync_handles: list = []
         self._active: int | None = None
         self._position = 0
         self._step_in_block = 0
@@ -287,6 +299,9 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         for param in self._active_params:
             param.requires_grad_(False)
             param.grad = None
+        for handle in self._sync_handles:
+            handle.remove()
+        self._sync_handles = []
         self._active_params = []
         self._solver = None
         self._masters = None
@@ -297,6 +312,8 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         self._active_params = [self._candidates[n] for n in block.param_names]
         for param in self._active_params:
             param.requires_grad_(True)
+        if self.data_parallel:
+            self._sync_handles = distributed.gradient_sync_hooks(self._active_params)
         self._active = index
         self._step_in_block = 0
         plugins.pm.hook.block_switched(
@@ -474,9 +491,19 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         self._activate(active, reason="resume")
         if state_dict["solver_state"] is not None:
             self._ensure_solver()
-            self._solver.load_state_dict(state_dict["solver_state"])
+            self._solver.load_state_dict(self._reshard_solver_state(state_dict["solver_state"]))
             self._masters.load_state_dict(state_dict["master_copies"])
         self._step_in_block = schedule["step_in_block"]
+
+    def _reshard_solver_state(self, solver_state: Mapping[str, Any]) -> dict[str, Any]:
+        """Solver state saved as full tensors (:func:`bcd.distributed.full_state_dict`), sharded like the masters."""
+        params = [p for group in self._solver.param_groups for p in group["params"]]
+        state = {
+            index: {key: distributed.like(value, params[int(index)]) if isinstance(value, torch.Tensor) else value
+                    for key, value in entry.items()}
+            for index, entry in solver_state["state"].items()
+        }
+        return {**solver_state, "state": state}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Only used while constructing: the groups follow the partition, fixed for a run."""

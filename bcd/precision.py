@@ -69,7 +69,9 @@ class MasterCopies:
     @torch.no_grad()
     def load_state_dict(self, masters: Mapping[str, torch.Tensor]) -> None:
         """Restore saved masters and write them, rounded, into the model."""
+        from bcd.distributed import like
+
         for name, param, master in zip(self.names, self.params, self.solver_params):
             if master is not param:
-                master.copy_(masters[name])
+                master.copy_(like(masters[name], master))
                 param.copy_(master)

@@ -1,0 +1,194 @@
+"""Multi-process training on CPU (gloo, 2 ranks spawned from pytest) against one process."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import bcd
+from bcd import distributed, memory
+
+from conftest import tiny_llama
+
+K, STEPS, BATCH = 2, 16, 4  # D = 4 blocks (embedding, 2 layers, head): STEPS = two block-epochs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+pytestmark = pytest.mark.filterwarnings("ignore::bcd.PrecisionNote")
+
+
+def build(dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    return tiny_llama(layers=2).to(dtype)
+
+
+def optimizer_for(model: nn.Module, data_parallel: bool = False):
+    return bcd.BAdam(model, lr=1e-2, switch_every=K, order="random", seed=3, include_embedding=True,
+                     include_head=True, data_parallel=data_parallel)
+
+
+def batches(steps: int):
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 64, (BATCH, 12), generator=generator) for _ in range(steps)]
+
+
+def train(model, forward, optimizer, data, rank=0, world=1):
+    for ids in data:
+        share = ids[rank * BATCH // world:(rank + 1) * BATCH // world]
+        forward(input_ids=share, labels=share).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    prefix = "module."
+    return {n.removeprefix(prefix): (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for n, p in model.named_parameters()}
+
+
+def wrap(model: nn.Module, mode: str, world: int):
+    """Returns (model the optimizer gets, callable for the forward)."""
+    if mode == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model, model
+    if mode == "ddp":
+        ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        return ddp, ddp
+    return model, model
+
+
+def worker(rank: int, world: int, port: int, mode: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        if mode == "memory":
+            model, _ = wrap(build(torch.bfloat16), "fsdp2", world)
+            optimizer = optimizer_for(model)
+            train(model, model, optimizer, batches(1), rank, world)
+            live = memory.measure(model, optimizer)
+            steps = 4 * len(optimizer.solver.state)
+            torch.save({"masters": live.master_copies, "state": live.solver_state, "steps": steps}, f"{out}.{rank}")
+            return
+        if mode.startswith("resume"):
+            checkpoint = os.path.join(os.path.dirname(out), "checkpoint.pt")
+            model, forward = wrap(build(), "fsdp2", world)
+            optimizer = optimizer_for(model)
+            data = batches(STEPS)
+            if mode == "resume-save":
+                train(model, forward, optimizer, data[:5], rank, world)  # K = 2: step 5 is mid-block
+                state = {"model": full_params(model), "optimizer": distributed.full_state_dict(optimizer)}
+                if rank == 0:
+                    torch.save(state, checkpoint)
+            else:
+                state = torch.load(checkpoint, weights_only=True)
+                with torch.no_grad():
+                    for name, param in model.named_parameters():
+                        param.copy_(distributed.like(state["model"][name], param))
+                optimizer.load_state_dict(state["optimizer"])
+            train(model, forward, optimizer, data[5:], rank, world)
+        else:
+            model, forward = wrap(build(), mode, world)
+            optimizer = optimizer_for(model, data_parallel=mode == "native")
+            train(model, forward, optimizer, batches(STEPS), rank, world)
+        params = full_params(model)
+        if rank == 0:
+            torch.save(params, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(mode: str, tmp_path, world: int = 2):
+    out = str(tmp_path / f"{mode}-{world}.pt")
+    mp.spawn(worker, args=(world, free_port(), mode, out), nprocs=world, join=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    model = build()
+    train(model, model, optimizer_for(model), batches(STEPS))
+    return full_params(model)
+
+
+@pytest.mark.parametrize("mode", ["fsdp2", "ddp", "native"])
+def test_two_ranks_match_one_process(mode, tmp_path, single_process):
+    result = torch.load(spawn(mode, tmp_path), weights_only=True)
+    assert result.keys() == single_process.keys()
+    for name, value in single_process.items():
+        torch.testing.assert_close(result[name], value, rtol=0, atol=1e-5, msg=name)
+
+
+def test_save_on_two_ranks_resume_on_two_and_on_one(tmp_path, single_process):
+    uninterrupted = torch.load(spawn("fsdp2", tmp_path), weights_only=True)
+    spawn("resume-save", tmp_path)
+    resumed_on_two = torch.load(spawn("resume-load", tmp_path), weights_only=True)
+    for name, value in uninterrupted.items():
+        torch.testing.assert_close(resumed_on_two[name], value, rtol=0, atol=1e-6, msg=name)
+
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # full tensors: loads without a process group
+    model = build()
+    model.load_state_dict(state["model"])
+    optimizer = optimizer_for(model)
+    optimizer.load_state_dict(state["optimizer"])
+    train(model, model, optimizer, batches(STEPS)[5:])
+    for name, value in full_params(model).items():
+        torch.testing.assert_close(value, single_process[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_per_rank_memory_of_masters_and_solver_state_is_halved(tmp_path):
+    one = spawn("memory", tmp_path, world=1)
+    two = spawn("memory", tmp_path, world=2)
+    single = torch.load(one + ".0", weights_only=True)
+    for rank in range(2):
+        shard = torch.load(f"{two}.{rank}", weights_only=True)
+        assert shard["masters"] * 2 == single["masters"] > 0
+        # Adam's step counters are scalars, kept whole on every rank.
+        assert (shard["state"] - shard["steps"]) * 2 == single["state"] - single["steps"]
+
+
+def test_unsupported_wrappers_are_refused_with_what_to_use():
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    fsdp1 = FullyShardedDataParallel.__new__(FullyShardedDataParallel)
+    nn.Module.__init__(fsdp1)
+    fsdp1._use_orig_params = False
+    holder = nn.Sequential(nn.Linear(2, 2))
+    holder.add_module("wrapped", fsdp1)
+    with pytest.raises(ValueError, match=r"FSDP1 .* use_orig_params=False .* Accepted: FSDP2"):
+        bcd.BAdam(holder)
+
+    zero3 = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    zero3[0].weight.ds_id = 0
+    with pytest.raises(ValueError, match=r"DeepSpeed .* Accepted: FSDP2"):
+        bcd.BAdam(zero3)
+
+    with pytest.raises(ValueError, match=r"data_parallel=True: torch.distributed is not initialized"):
+        bcd.BAdam(build(), data_parallel=True)
+
+
+def test_ddp_without_find_unused_parameters_is_refused(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(build())
+        with pytest.raises(ValueError, match=r"find_unused_parameters=False; .*'Expected to have finished reduction'"):
+            bcd.BAdam(ddp)
+    finally:
+        dist.destroy_process_group()
