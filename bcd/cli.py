@@ -60,7 +60,7 @@ def _memory(args: argparse.Namespace) -> int:
     report = memory.estimate(
         model, methods=methods, partitioner=args.partition, partitioner_options=options, solver=args.solver,
         lora_rank=args.lora_rank, lora_targets=args.lora_targets.split(","), activations=activations,
-        name=args.preset or args.config,
+        name=args.preset or args.config, world_size=args.world_size,
     )
     extra = activations.bytes if activations else 0
     verdict = None
@@ -74,7 +74,9 @@ def _memory(args: argparse.Namespace) -> int:
         print(json.dumps({**attrs.asdict(report), "budget": budget, "verdict": verdict}, indent=2))
         return 0
     size = memory.format_size
-    table = Table(title=f"Memory of {report.model} ({report.params / 1e9:.2f}B parameters, {report.dtype}), GB = 10^9 bytes")
+    per_rank = f", per rank of {args.world_size} (FSDP2)" if args.world_size > 1 else ""
+    table = Table(title=f"Memory of {report.model} ({report.params / 1e9:.2f}B parameters, {report.dtype}){per_rank}, "
+                        "GB = 10^9 bytes")
     for column in ("method", "weights", "gradients", "solver state", "master copies", "total"):
         table.add_column(column, justify="left" if column == "method" else "right")
     if activations:
@@ -226,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--seq", type=int, help="sequence length, for the activation estimate")
     mem.add_argument("--checkpointing", action="store_true", help="estimate activations with gradient checkpointing")
     mem.add_argument("--budget", help="a memory budget, e.g. 24GiB or 80GB: prints which methods fit")
+    mem.add_argument("--world-size", type=int, default=1,
+                     help="ranks sharding the model with FSDP2: figures per rank (default 1)")
     mem.add_argument("--json", action="store_true", help="print JSON instead of a table")
     mem.set_defaults(run=_memory)
 

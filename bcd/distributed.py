@@ -60,6 +60,27 @@ def check_supported(model: nn.Module) -> None:
         )
 
 
+def check_gradient_sync(model: nn.Module, data_parallel: bool) -> None:
+    """On more than one rank, refuse a setup in which nothing would average the gradients.
+
+    Raises:
+        ValueError: several ranks, and neither FSDP2 parameters, a DDP wrapper nor
+            ``data_parallel=True``. (A DDP wrapper added after the optimizer is built would sync
+            only the block active then, silently: wrap first.)
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or data_parallel:
+        return
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel) or any(hasattr(p, "device_mesh") for p in model.parameters()):
+        return
+    raise ValueError(
+        f"Unsupported setup: {dist.get_world_size()} ranks, but nothing averages the gradients of this plain model. "
+        "Accepted: data_parallel=True; or build the optimizer over DistributedDataParallel(model, "
+        "find_unused_parameters=True) or over an FSDP2 (fully_shard) model, wrapped before the optimizer."
+    )
+
+
 def gradient_sync_hooks(params: Iterable[nn.Parameter], group: Any = None) -> list[RemovableHandle]:
     """All-reduce (average) each parameter's gradient as soon as backward has accumulated it.
 

@@ -137,14 +137,20 @@ def _hashable(options: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
 # ---------------------------------------------------------------------------- estimates
 
 
-def _block_cost(params: Sequence[nn.Parameter], per_element: int, per_tensor: int) -> Breakdown:
+def _shard(count: int, world_size: int) -> int:
+    """One rank's share of ``count`` bytes sharded over ``world_size`` ranks (FSDP2: dim 0, rounded up)."""
+    return -(-count // world_size)
+
+
+def _block_cost(params: Sequence[nn.Parameter], per_element: int, per_tensor: int, world_size: int = 1) -> Breakdown:
     numel = sum(p.numel() for p in params)
     low = sum(p.numel() for p in params if needs_master(p))
     return Breakdown(
         # Low-precision gradients are cast to fp32 for the step; others are held in their dtype.
-        gradients=4 * low + sum(p.numel() * p.element_size() for p in params if not needs_master(p)),
-        solver_state=per_element * numel + per_tensor * len(params),
-        master_copies=4 * low,
+        gradients=_shard(4 * low + sum(p.numel() * p.element_size() for p in params if not needs_master(p)), world_size),
+        # Per-tensor state (Adam's step counter) is a scalar that every rank keeps whole.
+        solver_state=_shard(per_element * numel, world_size) + per_tensor * len(params),
+        master_copies=_shard(4 * low, world_size),
     )
 
 
@@ -180,6 +186,7 @@ def estimate(
     lora_targets: Sequence[str] = ("q_proj", "v_proj"),
     activations: ActivationEstimate | None = None,
     name: str | None = None,
+    world_size: int = 1,
 ) -> MemoryEstimate:
     """Estimate each method's memory on ``model``, which may live on the ``meta`` device.
 
@@ -195,25 +202,29 @@ def estimate(
         lora_targets: names of the linear layers LoRA adapts.
         activations: an activation estimate to carry along (see :func:`estimate_activations`).
         name: a label for the model.
+        world_size: N ranks sharding with FSDP2: figures are per rank, every per-element term
+            divided by N (per rank about (2M + 16M/D)/N for BAdam).
 
     Raises:
         ValueError: an unknown method, or invalid partitioner, solver or LoRA options.
     """
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"Invalid world_size: {world_size!r}; accepted: an integer >= 1.")
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"Unknown method(s): {unknown or list(methods)}; accepted: {', '.join(METHODS)}.")
     params = dict(model.named_parameters())
     all_params = list(params.values())
     total = sum(p.numel() for p in all_params)
-    weights = sum(p.numel() * p.element_size() for p in all_params)
+    weights = _shard(sum(p.numel() * p.element_size() for p in all_params), world_size)
     per_element, per_tensor = _solver_state_cost(solver, _hashable(solver_options))
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in all_params})
     results = []
     for method in methods:
         if method == "adam":
-            cost = _block_cost(all_params, per_element, per_tensor)
+            cost = _block_cost(all_params, per_element, per_tensor, world_size)
             # Full-parameter training keeps low-precision gradients in the model's dtype.
-            gradients = sum(p.numel() * p.element_size() for p in all_params)
+            gradients = _shard(sum(p.numel() * p.element_size() for p in all_params), world_size)
             results.append(MethodEstimate(
                 method="adam",
                 breakdown=attrs.evolve(cost, weights=weights, gradients=gradients),
@@ -226,7 +237,7 @@ def estimate(
                 BlockFigure(
                     name=block.name,
                     params=sum(params[n].numel() for n in block.param_names),
-                    bytes=_block_cost([params[n] for n in block.param_names], per_element, per_tensor),
+                    bytes=_block_cost([params[n] for n in block.param_names], per_element, per_tensor, world_size),
                 )
                 for block in partition
             )
@@ -237,7 +248,7 @@ def estimate(
                 note=f"{partitioner} partition, D={len(figures)}; peak set by block {largest.name!r}",
                 blocks=figures,
                 largest_block=largest.name,
-                paper_formula=2 * total + 16 * total // len(figures),
+                paper_formula=_shard(2 * total + 16 * total // len(figures), world_size),
             ))
         elif method == "lora":
             adapters = _lora_params(model, lora_rank, lora_targets)
@@ -245,9 +256,9 @@ def estimate(
             results.append(MethodEstimate(
                 method="lora",
                 breakdown=Breakdown(
-                    weights=weights + 4 * numel,
-                    gradients=4 * numel,
-                    solver_state=per_element * numel + per_tensor * 2 * len(adapters),
+                    weights=weights + _shard(4 * numel, world_size),
+                    gradients=_shard(4 * numel, world_size),
+                    solver_state=_shard(per_element * numel, world_size) + per_tensor * 2 * len(adapters),
                 ),
                 note=f"rank {lora_rank} on {', '.join(lora_targets)} ({len(adapters)} layers); fp32 adapters",
             ))
@@ -255,7 +266,7 @@ def estimate(
             largest_tensor = max(p.numel() * p.element_size() for p in all_params)
             results.append(MethodEstimate(
                 method="lomo",
-                breakdown=Breakdown(weights=weights, gradients=largest_tensor),
+                breakdown=Breakdown(weights=weights, gradients=_shard(largest_tensor, world_size)),
                 note="SGD fused into backward: one gradient tensor at a time, no solver state",
             ))
     return MemoryEstimate(

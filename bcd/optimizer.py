@@ -103,6 +103,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
                 "Invalid data_parallel=True: torch.distributed is not initialized; call "
                 "torch.distributed.init_process_group first (torchrun does the rest), or leave data_parallel=False."
             )
+        distributed.check_gradient_sync(model, data_parallel)
         self.data_parallel = data_parallel
         if isinstance(switch_every, bool) or not isinstance(switch_every, int) or switch_every <= 0:
             raise ValueError(f"Invalid switch_every: {switch_every!r}; accepted: an integer >= 1.")
@@ -352,6 +353,14 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         if self._solver is not None:
             return
         block = self.active_block
+        current = dict(self._model.named_parameters())
+        replaced = [n for n in block.param_names if current.get(n) is not self._candidates[n]]
+        if replaced:
+            raise ValueError(
+                f"The model's parameters were replaced after the optimizer was built (e.g. {replaced[0]!r}): a wrapper "
+                "such as fully_shard (FSDP2, also when accelerate or the Trainer applies it) swaps in new parameter "
+                "objects. Accepted: wrap the model first, then build the optimizer over the wrapped model."
+            )
         self._masters = MasterCopies(self._active_params, block.param_names)
         master_of = dict(zip(block.param_names, self._masters.solver_params))
         solver_groups, self._solver_group_index = [], []

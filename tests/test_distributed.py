@@ -79,6 +79,10 @@ def worker(rank: int, world: int, port: int, mode: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
+        if mode == "unsynced":
+            with pytest.raises(ValueError, match=r"2 ranks, but nothing averages the gradients"):
+                optimizer_for(build())
+            return
         if mode == "memory":
             model, _ = wrap(build(torch.bfloat16), "fsdp2", world)
             optimizer = optimizer_for(model)
@@ -192,3 +196,24 @@ def test_ddp_without_find_unused_parameters_is_refused(tmp_path):
             bcd.BAdam(ddp)
     finally:
         dist.destroy_process_group()
+
+
+def test_parameters_replaced_after_construction_are_a_clear_error(tmp_path):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = build()
+        optimizer = optimizer_for(model)
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))  # too late: new parameter objects
+        ids = batches(1)[0]
+        model(input_ids=ids, labels=ids).loss.backward()
+        with pytest.raises(ValueError, match=r"parameters were replaced after the optimizer was built"):
+            optimizer.step()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_several_ranks_without_gradient_averaging_are_refused(tmp_path):
+    spawn("unsynced", tmp_path)  # the worker asserts the ValueError; a failure there fails the spawn

@@ -192,3 +192,21 @@ def test_tensorboard_memory_logger(tmp_path):
             "memory/weights_bfloat16_MB"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("memory/gradients_MB")] == [0, 1, 2]
     assert all(e.value > 0 for e in events.Scalars("memory/gradients_MB"))
+
+
+def test_world_size_gives_per_rank_figures():
+    model = build_model(load_config("llama-2-7b"))
+    one = memory.estimate(model, methods=["badam"]).method("badam")
+    four = memory.estimate(model, methods=["badam"], world_size=4).method("badam")
+    assert four.breakdown.weights == -(-one.breakdown.weights // 4)
+    assert four.breakdown.master_copies == -(-one.breakdown.master_copies // 4)
+    tensors = 9  # a Llama layer: 7 matrices and 2 norms, one step counter each
+    assert four.breakdown.solver_state - 4 * tensors == -(-(one.breakdown.solver_state - 4 * tensors) // 4)
+    with pytest.raises(ValueError, match=r"Invalid world_size: 0; accepted: an integer >= 1"):
+        memory.estimate(model, world_size=0)
+
+
+def test_cli_world_size(capsys):
+    assert main(["memory", "--preset", "llama-2-7b", "--method", "badam", "--world-size", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["methods"][0]["breakdown"]["weights"] == 6738415616
