@@ -344,8 +344,9 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 def measure(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> LiveMemory:
     """Bytes really held by ``model`` and ``optimizer`` (a bcd optimizer or any torch one).
 
-    Each storage counts once, in the first category that holds it: parameters, master copies,
-    gradients, solver state. Sharded parameters count their local shard.
+    Each storage counts once, in the first category that holds it: parameters, master copies
+    (tensors the solver updates that are not model parameters), gradients, solver state.
+    Sharded parameters count their local shard.
     """
     seen: set[tuple[str, int]] = set()
 
@@ -368,13 +369,15 @@ def measure(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) ->
     for param in model.parameters():
         label = str(param.dtype).removeprefix("torch.")
         parameters[label] = parameters.get(label, 0) + claim([param])
-    solver = getattr(optimizer, "solver", optimizer)
-    masters_held = getattr(optimizer, "master_copies", None)
-    masters = list(masters_held.solver_params) if masters_held is not None else []
+    # bcd's inner solver, the reference badam's base optimizer, or the optimizer itself.
+    solver = getattr(optimizer, "solver", None) or getattr(optimizer, "base_optimizer", None) or optimizer
+    model_params = {id(p) for p in model.parameters()}
+    # What the solver updates that is not a model parameter is a master copy (fp32 copies of
+    # bf16 weights, in bcd and in other mixed-precision optimizers alike).
+    masters = [p for group in (solver.param_groups if solver is not None else []) for p in group["params"]
+               if id(p) not in model_params]
     master_bytes = claim(masters)
     grads = [p.grad for p in model.parameters()] + [m.grad for m in masters]
-    if solver is not None:
-        grads += [p.grad for group in solver.param_groups for p in group["params"]]
     gradient_bytes = claim(grads)
     state_bytes = 0
     if solver is not None:
