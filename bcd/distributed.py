@@ -64,11 +64,18 @@ def check_gradient_sync(model: nn.Module, data_parallel: bool) -> None:
     """On more than one rank, refuse a setup in which nothing would average the gradients.
 
     Raises:
-        ValueError: several ranks, and neither FSDP2 parameters, a DDP wrapper nor
-            ``data_parallel=True``. (A DDP wrapper added after the optimizer is built would sync
-            only the block active then, silently: wrap first.)
+        ValueError: ``data_parallel=True`` without an initialized process group; or several
+            ranks, and neither FSDP2 parameters, a DDP wrapper nor ``data_parallel=True``. (A DDP
+            wrapper added after the optimizer is built would sync only the block active then,
+            silently: wrap first.)
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or data_parallel:
+    initialized = dist.is_available() and dist.is_initialized()
+    if data_parallel and not initialized:
+        raise ValueError(
+            "Invalid data_parallel=True: torch.distributed is not initialized; call "
+            "torch.distributed.init_process_group first (torchrun does the rest), or leave data_parallel=False."
+        )
+    if not initialized or dist.get_world_size() == 1 or data_parallel:
         return
     from torch.nn.parallel import DistributedDataParallel
 

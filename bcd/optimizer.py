@@ -98,11 +98,6 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         if not isinstance(model, nn.Module):
             raise ValueError(f"Invalid model: {type(model).__name__}; accepted: a torch.nn.Module.")
         distributed.check_supported(model)
-        if data_parallel and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            raise ValueError(
-                "Invalid data_parallel=True: torch.distributed is not initialized; call "
-                "torch.distributed.init_process_group first (torchrun does the rest), or leave data_parallel=False."
-            )
         distributed.check_gradient_sync(model, data_parallel)
         self.data_parallel = data_parallel
         if isinstance(switch_every, bool) or not isinstance(switch_every, int) or switch_every <= 0:
