@@ -67,18 +67,13 @@ def build_model(size: str, dtype):
                          num_attention_heads=max(2, hidden // 128), num_key_value_heads=max(2, hidden // 128),
                          max_position_embeddings=1024)
     torch.manual_seed(0)
-    with torch.device("meta"):
+    # Build directly in the training dtype: building in fp32 and converting would double the peak.
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
         model = LlamaForCausalLM(config)
-    # Materialise directly in the training dtype: building in fp32 first would double the peak.
-    model.to_empty(device="cpu")
-    model.to(dtype)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.ndim == 1:
-                param.fill_(1.0)
-            else:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+    finally:
+        torch.set_default_dtype(default)
     return model
 
 
