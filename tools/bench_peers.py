@@ -11,8 +11,9 @@ Llama-shaped model, data and seed.
     python tools/bench_peers.py --converge --steps 300   # loss against data seen and wall time
 
 Writes ``results.json`` (with machine, versions and command), ``results.md`` and PNG plots to
-``--out``. Figures are medians over the measured steps with min and max; ratios are to AdamW and
-to the reference, from the same run. Not a test: nothing here asserts on a timing.
+``--out``. Every method runs ``--rounds`` times, round-robin; a figure is the median over the
+rounds of each run's median step, with the min and max step seen; ratios are to AdamW and to the
+reference, from the same run. Not a test: nothing here asserts on a timing.
 """
 
 from __future__ import annotations
@@ -43,14 +44,21 @@ SIZES = {
 # ----------------------------------------------------------------------------- worker (one method, one process)
 
 
-def batches(steps: int, batch: int, seq: int):
-    """Byte-level batches of real text: C4 from ../shared when present, else bcd's bundled demo set."""
+def corpus(kind: str) -> str:
+    """``c4``: C4 web text from ../shared when present (else the demo set); ``instructions``: bcd's
+    bundled demo instructions in the Alpaca prompt template."""
+    if kind == "c4" and SHARED_C4.is_file():
+        return " ".join(json.loads(line)["text"] for line in SHARED_C4.read_text().splitlines())
+    from bcd.finetune import format_prompt, load_instructions
+
+    return "\n\n".join(format_prompt(e) + e["output"] for e in load_instructions())
+
+
+def batches(steps: int, batch: int, seq: int, kind: str = "c4"):
+    """Byte-level batches of real text, the same for every method."""
     import torch
 
-    if SHARED_C4.is_file():
-        text = " ".join(json.loads(line)["text"] for line in SHARED_C4.read_text().splitlines())
-    else:
-        text = (ROOT / "bcd" / "data" / "demo_instructions.jsonl").read_text()
+    text = corpus(kind)
     stream = torch.tensor(list(text.encode()[: 4_000_000]), dtype=torch.long)
     generator = torch.Generator().manual_seed(0)
     for _ in range(steps):
@@ -86,7 +94,8 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def worker(method: str, size: str, steps: int, warmup: int, batch: int, seq: int, result: str) -> None:
+def worker(method: str, size: str, steps: int, warmup: int, batch: int, seq: int, result: str,
+           data: str = "c4", init: str | None = None, save: str | None = None) -> None:
     import torch
 
     import bcd
@@ -94,6 +103,8 @@ def worker(method: str, size: str, steps: int, warmup: int, batch: int, seq: int
 
     amp = method == "adamw"
     model = build_model(size, torch.float32 if amp else torch.bfloat16)
+    if init:  # start from a pretrained checkpoint, as fine-tuning does
+        model.load_state_dict({k: v.to(next(model.parameters()).dtype) for k, v in torch.load(init).items()})
     quiet = contextlib.redirect_stdout(io.StringIO())  # the reference prints at every switch
     fused_backward = None
     if method == "adamw":
@@ -135,7 +146,7 @@ def worker(method: str, size: str, steps: int, warmup: int, batch: int, seq: int
     times = {"forward": [], "backward": [], "update": [], "step": []}
     losses, clock, state_bytes = [], [], 0
     started = time.perf_counter()
-    for index, ids in enumerate(batches(warmup + steps, batch, seq)):
+    for index, ids in enumerate(batches(warmup + steps, batch, seq, data)):
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             loss = model(input_ids=ids, labels=ids).loss
@@ -158,6 +169,8 @@ def worker(method: str, size: str, steps: int, warmup: int, batch: int, seq: int
         if index >= warmup:
             for key, value in (("forward", t1 - t0), ("backward", t2 - t1), ("update", t3 - t2), ("step", t3 - t0)):
                 times[key].append(value)
+    if save:
+        torch.save(model.state_dict(), save)
     stats = {k: {"median": statistics.median(v), "min": min(v), "max": max(v)} for k, v in times.items()}
     Path(result).write_text(json.dumps({
         "method": method, "size": size, "params": sum(p.numel() for p in model.parameters()),
@@ -181,9 +194,10 @@ def available(method: str) -> bool:
         return False
 
 
-def run_child(method: str, size: str, args, result: Path, cap: int | None = None) -> dict | None:
+def run_child(method: str, size: str, args, result: Path, cap: int | None = None, extra: tuple = ()) -> dict | None:
     command = [sys.executable, __file__, "--worker", method, "--size", size, "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq), "--result", str(result)]
+               "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq), "--result", str(result),
+               *extra]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     while process.poll() is None:
         time.sleep(0.2)
@@ -221,13 +235,47 @@ def environment(args) -> dict:
 
 
 def compare(args, methods: list[str], out: Path) -> dict:
+    """Every method on every size, ``--rounds`` times round-robin so that machine noise hits all alike."""
     rows = []
     for size in args.sizes.split(","):
-        for method in methods:
-            print(f"{method} on {size} ...", flush=True)
-            data = run_child(method, size, args, out / f"{method}-{size}.json")
-            if data:
-                rows.append(data)
+        runs: dict[str, list[dict]] = {m: [] for m in methods}
+        for round_index in range(args.rounds):
+            for method in methods:
+                print(f"{method} on {size}, round {round_index + 1} of {args.rounds} ...", flush=True)
+                data = run_child(method, size, args, out / f"{method}-{size}-{round_index}.json")
+                if data:
+                    runs[method].append(data)
+        for method, done in runs.items():
+            if not done:
+                continue
+            merged = dict(done[0])
+            merged["times"] = {
+                key: {"median": statistics.median(d["times"][key]["median"] for d in done),
+                      "min": min(d["times"][key]["min"] for d in done),
+                      "max": max(d["times"][key]["max"] for d in done)}
+                for key in done[0]["times"]
+            }
+            merged["peak_rss"] = max(d["peak_rss"] for d in done)
+            merged["rounds"] = len(done)
+            rows.append(merged)
+    return {"runs": rows}
+
+
+def converge(args, methods: list[str], out: Path) -> dict:
+    """Pretrain once with AdamW on web text, then fine-tune each method from there on instructions."""
+    size = args.sizes.split(",")[0]
+    init = out / "pretrained.pt"
+    print(f"pretraining {size} with AdamW for {args.pretrain_steps} steps ...", flush=True)
+    pretrain = argparse.Namespace(**{**vars(args), "steps": args.pretrain_steps, "warmup": 0})
+    if run_child("adamw", size, pretrain, out / "pretrain.json", extra=("--save", str(init))) is None:
+        raise SystemExit("pretraining failed")
+    rows = []
+    for method in methods:
+        print(f"fine-tuning {size} with {method} ...", flush=True)
+        data = run_child(method, size, args, out / f"converge-{method}.json",
+                         extra=("--data", "instructions", "--init", str(init)))
+        if data:
+            rows.append(data)
     return {"runs": rows}
 
 
@@ -322,18 +370,27 @@ def main() -> None:
     parser.add_argument("--sizes", default="tiny,small", help=f"comma-separated model sizes, of {', '.join(SIZES)}")
     parser.add_argument("--steps", type=int, default=30, help="measured steps per method (default 30)")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (default 3)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="runs of every method, round-robin; figures: median of the runs' medians, min, max (default 3)")
     parser.add_argument("--batch", type=int, default=4, help="batch size (default 4)")
     parser.add_argument("--seq", type=int, default=128, help="sequence length (default 128)")
     parser.add_argument("--probe", action="store_true", help="find the largest size each method trains under --cap")
     parser.add_argument("--cap", default="8GiB", help="memory cap for --probe (default 8GiB)")
-    parser.add_argument("--converge", action="store_true", help="loss curves of bcd, adamw and lora (use --steps 300)")
+    parser.add_argument("--converge", action="store_true",
+                        help="pretrain with AdamW on web text, then fine-tune with bcd, adamw and lora on instructions: "
+                             "loss against tokens and wall time (use --steps 300)")
+    parser.add_argument("--pretrain-steps", type=int, default=300, help="AdamW steps before --converge (default 300)")
     parser.add_argument("--out", default="runs/bench", help="output directory (default runs/bench)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--data", default="c4", help=argparse.SUPPRESS)
+    parser.add_argument("--init", help=argparse.SUPPRESS)
+    parser.add_argument("--save", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.size, args.steps, args.warmup, args.batch, args.seq, args.result)
+        worker(args.worker, args.size, args.steps, args.warmup, args.batch, args.seq, args.result,
+               args.data, args.init, args.save)
         return
 
     from bcd.memory import parse_size
@@ -353,6 +410,8 @@ def main() -> None:
     report = {"environment": environment(args), "batch": args.batch, "seq": args.seq, "converge": args.converge}
     if args.probe:
         report.update(probe(args, methods, out, parse_size(args.cap)))
+    elif args.converge:
+        report.update(converge(args, methods, out))
     else:
         report.update(compare(args, methods, out))
     (out / "results.json").write_text(json.dumps(report, indent=2))
