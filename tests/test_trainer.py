@@ -82,3 +82,12 @@ def test_gradient_checkpointing_through_the_trainer(tmp_path):
     for (name, a), (_, b) in zip(model.named_parameters(), reference.named_parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
     assert checkpointed == plain
+
+
+def test_bf16_mixed_precision_argument_trains(tmp_path):
+    torch.manual_seed(0)
+    initial = {n: p.detach().to(torch.bfloat16) for n, p in tiny_llama(layers=3).named_parameters()}
+    losses, model, trainer = run(arguments(tmp_path, bf16=True, max_steps=6))
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, initial[n])]
+    assert changed and all(n.startswith("model.layers.") for n in changed)  # BAdam: layers only
