@@ -19,8 +19,20 @@ from torch.utils.hooks import RemovableHandle
 logger = logging.getLogger("bcd")
 
 
-def make_compatible(model: nn.Module) -> bool:
+def _relevant(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules that can carry checkpointing flags or transformers' input-require-grads hooks."""
+    return [
+        (name, module) for name, module in model.named_modules()
+        if hasattr(module, "gradient_checkpointing") or hasattr(module, "disable_input_require_grads")
+    ]
+
+
+def make_compatible(model: nn.Module, modules: list[tuple[str, nn.Module]] | None = None) -> bool:
     """Remove transformers' input-require-grads hooks; refuse reentrant checkpointing.
+
+    Args:
+        model: the model.
+        modules: the result of a previous ``_relevant(model)``, to skip walking the model again.
 
     Returns:
         True if hooks were removed.
@@ -29,7 +41,7 @@ def make_compatible(model: nn.Module) -> bool:
         ValueError: checkpointing is enabled with ``use_reentrant=True``.
     """
     removed = False
-    for name, module in model.named_modules():
+    for name, module in _relevant(model) if modules is None else modules:
         func = getattr(module, "_gradient_checkpointing_func", None)
         if getattr(module, "gradient_checkpointing", False) and getattr(func, "keywords", {}).get("use_reentrant"):
             raise ValueError(
@@ -65,10 +77,12 @@ def guard(model: nn.Module) -> RemovableHandle:
     """Check before every forward that checkpointing, if enabled since, keeps the savings.
 
     Checkpointing is often switched on after the optimizer is built (the Trainer does so), so a
-    construction-time check is not enough. The check is a few attribute reads per forward.
+    construction-time check is not enough. The modules to look at are found once, here; each
+    forward then costs a few attribute reads on them.
     """
+    modules = _relevant(model)
 
     def pre_forward(module: nn.Module, args) -> None:
-        make_compatible(module)
+        make_compatible(module, modules)
 
     return model.register_forward_pre_hook(pre_forward)
