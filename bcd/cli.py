@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bcd import plugins
+from bcd.checks import positive_int
 
 
 def _options(pairs: Sequence[str] | None, flag: str) -> dict:
@@ -128,9 +129,7 @@ def _profile(args: argparse.Namespace) -> int:
 
     device = profiler.check_device(args.device)
     for label in ("batch", "seq", "repeats"):
-        value = getattr(args, label)
-        if value < 1:
-            raise ValueError(f"Invalid --{label}: {value}; accepted: an integer >= 1.")
+        positive_int(f"--{label}", getattr(args, label))
     config = load_config(args.preset, args.config)
     model = build_model(config, dtype=parse_dtype(args.dtype), device=device)
     options = {"include_embedding": True, "include_head": True} if args.partition == "layer" else {}

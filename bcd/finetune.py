@@ -150,11 +150,11 @@ def finetune(
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from bcd import memory
+    from bcd.checks import positive_int
     from bcd.integrations.transformers import attach, badam_from_training_args
 
     for label, value in (("max_steps", max_steps), ("batch_size", batch_size), ("max_length", max_length)):
-        if value < 1:
-            raise ValueError(f"Invalid {label}: {value}; accepted: an integer >= 1.")
+        positive_int(label, value)
     started = time.perf_counter()
     torch.manual_seed(seed)
     data = load_instructions(dataset)

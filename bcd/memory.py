@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from bcd import plugins
+from bcd.checks import positive_int
 from bcd.precision import needs_master
 
 METHODS = ("adam", "badam", "lora", "lomo")
@@ -208,8 +209,7 @@ def estimate(
     Raises:
         ValueError: an unknown method, or invalid partitioner, solver or LoRA options.
     """
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"Invalid world_size: {world_size!r}; accepted: an integer >= 1.")
+    positive_int("world_size", world_size)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"Unknown method(s): {unknown or list(methods)}; accepted: {', '.join(METHODS)}.")
@@ -297,8 +297,7 @@ def estimate_activations(config: Any, *, batch: int, seq: int, checkpointing: bo
         ValueError: batch or seq below 1.
     """
     for label, value in (("batch", batch), ("seq", seq)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"Invalid {label}: {value!r}; accepted: an integer >= 1.")
+        positive_int(label, value)
     h = _config_value(config, "hidden_size", "n_embd", "d_model")
     a = _config_value(config, "num_attention_heads", "n_head")
     layers = _config_value(config, "num_hidden_layers", "n_layer", "num_layers")

@@ -27,6 +27,7 @@ from torch import nn
 
 from bcd import checkpointing, distributed, plugins
 from bcd.blocks import Block, Partition, trainable_parameters
+from bcd.checks import positive_int
 from bcd.events import BlockSwitch
 from bcd.precision import MasterCopies, needs_master
 
@@ -100,8 +101,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         distributed.check_supported(model)
         distributed.check_gradient_sync(model, data_parallel)
         self.data_parallel = data_parallel
-        if isinstance(switch_every, bool) or not isinstance(switch_every, int) or switch_every <= 0:
-            raise ValueError(f"Invalid switch_every: {switch_every!r}; accepted: an integer >= 1.")
+        positive_int("switch_every", switch_every)
         solver_options = dict(solver_options or {})
         if lr is not None:
             if "lr" in solver_options:

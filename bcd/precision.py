@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from bcd.distributed import like
+
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -69,8 +71,6 @@ class MasterCopies:
     @torch.no_grad()
     def load_state_dict(self, masters: Mapping[str, torch.Tensor]) -> None:
         """Restore saved masters and write them, rounded, into the model."""
-        from bcd.distributed import like
-
         for name, param, master in zip(self.names, self.params, self.solver_params):
             if master is not param:
                 master.copy_(like(masters[name], master))

@@ -30,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bcd import checkpointing, plugins
 from bcd.blocks import trainable_parameters
+from bcd.checks import positive_int
 
 EDGE_BLOCKS = ("embedding", "head")
 
@@ -175,8 +176,7 @@ def profile(
         ValueError: batch, seq or repeats below 1, or an invalid partition.
     """
     for label, value in (("batch", batch), ("seq", seq), ("repeats", repeats)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"Invalid {label}: {value!r}; accepted: an integer >= 1.")
+        positive_int(label, value)
     params = trainable_parameters(model)
     partition = plugins.create("partitioner", partitioner, dict(partitioner_options or {})).partition(model, params, 0)
     if use_checkpointing:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from bcd.blocks import Block, Partition
+from bcd.checks import positive_int
 from bcd.hookspecs import hookimpl
 from bcd.layers import find_layer_stacks
 
@@ -103,8 +104,7 @@ class RandomSubsetPartitioner:
     redraw: bool = False
 
     def __attrs_post_init__(self) -> None:
-        if not isinstance(self.num_blocks, int) or self.num_blocks < 1:
-            raise ValueError(f"Invalid num_blocks: {self.num_blocks!r}; accepted: an integer >= 1.")
+        positive_int("num_blocks", self.num_blocks)
 
     @property
     def dynamic(self) -> bool:

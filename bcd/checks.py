@@ -1,0 +1,16 @@
+"""Argument checks shared across bcd, with the error wording every module uses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def positive_int(label: str, value: Any) -> int:
+    """``value`` if it is an integer >= 1 (``bool`` is not accepted).
+
+    Raises:
+        ValueError: naming ``label``, the value received and what is accepted.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Invalid {label}: {value!r}; accepted: an integer >= 1.")
+    return value
