@@ -3,13 +3,20 @@
 - **FSDP2** (``torch.distributed.fsdp.fully_shard``): parameters are DTensors sharded on dim 0.
   bcd's master copies and solver state are made from them, so they are sharded alike: per rank
   about (2M + 16M/D)/N bytes. Switching blocks only toggles ``requires_grad``; no re-wrapping.
-- **DDP**: wrap the model with ``DistributedDataParallel(model, find_unused_parameters=True)``
-  *before* building the optimizer, and give the optimizer the wrapper. Frozen parameters get no
-  gradient and are reported unused, so the trainable set may change every K steps; DDP still
-  all-reduces whole buckets, i.e. communication per step ~ the model.
+- **DDP**: ``DistributedDataParallel(model, find_unused_parameters=True)``. Frozen parameters
+  get no gradient and are reported unused, so the trainable set may change every K steps; DDP
+  still all-reduces whole buckets, i.e. communication per step ~ the model.
 - **bcd data parallel** (``data_parallel=True``): no wrapper; each active parameter's gradient is
   all-reduced (averaged) as soon as backward has accumulated it, so communication per step ~
   the active block. Replicas start equal (same seed, or broadcast) and stay equal.
+
+Wrapper before or after the optimizer: both work. Built over a wrapped model, the optimizer
+freezes all blocks but one at once. Built over a plain model on several ranks (the Trainer and
+``accelerate``'s ``prepare()`` wrap the model after the optimizer exists), it leaves every
+candidate trainable until the model's first forward, so that DDP registers every parameter;
+then it adopts the parameters FSDP2 swapped in (same names), freezes, and checks at its first
+step that the ranks' gradients agree (:func:`check_gradients_agree`): nothing averaging them is
+an error, not a silent drift.
 
 Saving: the optimizer's state holds one block, so :func:`full_state_dict` gathers it into plain
 tensors on every rank (cheap: 16M/D bytes at most), and ``load_state_dict`` re-shards it into
@@ -18,6 +25,7 @@ whatever the current parameters are. A checkpoint saved on N ranks loads on any 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -55,19 +63,38 @@ def check_supported(model: nn.Module) -> None:
         raise ValueError(
             "Unsupported model: DistributedDataParallel with find_unused_parameters=False; the frozen blocks get no "
             "gradient and DDP would wait for them ('Expected to have finished reduction'). Accepted: "
-            "DistributedDataParallel(model, find_unused_parameters=True), built before the optimizer, or no wrapper "
-            "and data_parallel=True."
+            "DistributedDataParallel(model, find_unused_parameters=True), or no wrapper and data_parallel=True."
         )
 
 
-def check_gradient_sync(model: nn.Module, data_parallel: bool) -> None:
-    """On more than one rank, refuse a setup in which nothing would average the gradients.
+def world_size() -> int:
+    """Ranks in this job: the default process group's size, else torchrun's ``WORLD_SIZE``.
+
+    The environment counts too because the Trainer and accelerate create the process group
+    lazily, often after the optimizer is built; torchrun and ``accelerate launch`` set
+    ``WORLD_SIZE`` before the script starts.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    value = os.environ.get("WORLD_SIZE", "1")
+    return int(value) if value.isdigit() and int(value) > 0 else 1
+
+
+def _is_fsdp2(model: nn.Module) -> bool:
+    return any(hasattr(p, "device_mesh") for p in model.parameters())
+
+
+def check_gradient_sync(model: nn.Module, data_parallel: bool) -> bool:
+    """Whether gradient averaging is expected from a wrapper that is not there yet.
+
+    True on several ranks for a plain model (no DDP, no FSDP2) without ``data_parallel``: the
+    Trainer and accelerate wrap the model in DDP or FSDP2 *after* the optimizer is built. The
+    optimizer then defers freezing to the model's first forward, so that the wrapper sees every
+    candidate as trainable, and checks with :func:`check_gradients_agree` at its first step that
+    something did average the gradients.
 
     Raises:
-        ValueError: ``data_parallel=True`` without an initialized process group; or several
-            ranks, and neither FSDP2 parameters, a DDP wrapper nor ``data_parallel=True``. (A DDP
-            wrapper added after the optimizer is built would sync only the block active then,
-            silently: wrap first.)
+        ValueError: ``data_parallel=True`` without an initialized process group.
     """
     initialized = dist.is_available() and dist.is_initialized()
     if data_parallel and not initialized:
@@ -75,17 +102,66 @@ def check_gradient_sync(model: nn.Module, data_parallel: bool) -> None:
             "Invalid data_parallel=True: torch.distributed is not initialized; call "
             "torch.distributed.init_process_group first (torchrun does the rest), or leave data_parallel=False."
         )
-    if not initialized or dist.get_world_size() == 1 or data_parallel:
-        return
+    if data_parallel or world_size() == 1:
+        return False
     from torch.nn.parallel import DistributedDataParallel
 
-    if isinstance(model, DistributedDataParallel) or any(hasattr(p, "device_mesh") for p in model.parameters()):
-        return
-    raise ValueError(
-        f"Unsupported setup: {dist.get_world_size()} ranks, but nothing averages the gradients of this plain model. "
-        "Accepted: data_parallel=True; or build the optimizer over DistributedDataParallel(model, "
-        "find_unused_parameters=True) or over an FSDP2 (fully_shard) model, wrapped before the optimizer."
-    )
+    return not (isinstance(model, DistributedDataParallel) or _is_fsdp2(model))
+
+
+def check_wrapper_at_first_forward() -> None:
+    """Refuse a DDP wrapper, seen from inside its forward, that cannot let the blocks change.
+
+    Raises:
+        ValueError: the model runs inside ``DistributedDataParallel(find_unused_parameters=False)``.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    # DDP names the wrapper whose forward is running here (a private attribute: absent, nothing
+    # is checked here, and DDP itself fails at the next forward with 'Expected to have finished
+    # reduction').
+    ddp = getattr(DistributedDataParallel, "_active_ddp_module", None)
+    if ddp is not None and not ddp.find_unused_parameters:
+        raise ValueError(
+            "Unsupported model: it was wrapped in DistributedDataParallel with find_unused_parameters=False "
+            "(accelerate's default, and the Trainer's when gradient checkpointing is on); the frozen blocks get no "
+            "gradient and DDP would wait for them. Accepted: find_unused_parameters=True (Trainer: "
+            "TrainingArguments(ddp_find_unused_parameters=True); accelerate: Accelerator(kwargs_handlers="
+            "[DistributedDataParallelKwargs(find_unused_parameters=True)])), or no wrapper and data_parallel=True."
+        )
+
+
+def check_gradients_agree(params: Iterable[torch.Tensor], block: str) -> None:
+    """Refuse to step when the ranks hold different gradients: nothing averaged them.
+
+    A collective (call on every rank): each rank contributes the sum and the sum of squares of
+    its gradients, so every rank reaches the same verdict and none is left waiting. Sharded
+    (FSDP2) gradients differ by design and are skipped.
+
+    Raises:
+        ValueError: the gradients differ between ranks, or there is no process group to ask.
+    """
+    world = world_size()
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            f"Unsupported setup: WORLD_SIZE={world}, but torch.distributed was never initialized, so nothing averages "
+            "the gradients. Accepted: torch.distributed.init_process_group and a DDP or FSDP2 wrapper, data_parallel="
+            "True, or the Trainer / accelerate, which do both."
+        )
+    grads = [p.grad for p in params if p.grad is not None and not hasattr(p, "device_mesh")]
+    device = grads[0].device if grads else torch.device("cuda" if dist.get_backend() == "nccl" else "cpu")
+    local = torch.zeros(2, dtype=torch.float64, device=device)
+    for grad in grads:
+        local += torch.stack([grad.double().sum(), grad.double().square().sum()])
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local)
+    if any(not torch.equal(g, gathered[0]) for g in gathered):
+        raise ValueError(
+            f"Unsupported setup: {world} ranks hold different gradients for block {block!r}: nothing averaged them, "
+            "and the replicas would drift apart. Nothing was updated. Accepted: wrap the model in "
+            "DistributedDataParallel(model, find_unused_parameters=True) or FSDP2 (fully_shard) before its first "
+            "forward, pass data_parallel=True, or train with the Trainer / accelerate, which wrap it."
+        )
 
 
 def gradient_sync_hooks(params: Iterable[nn.Parameter], group: Any = None) -> list[RemovableHandle]:

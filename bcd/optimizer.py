@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -45,6 +46,21 @@ def _caller_stacklevel() -> int:
     while frame is not None and frame.f_code.co_filename.startswith(package):
         frame, level = frame.f_back, level + 1
     return level
+
+
+def _start_at_first_forward(optimizer: BlockCoordinateOptimizer):
+    """A global forward pre-hook calling ``optimizer._start()`` when its model's forward begins.
+
+    It holds the optimizer weakly: one dropped before any forward leaves a hook that does nothing.
+    """
+    ref = weakref.ref(optimizer)
+
+    def hook(module: nn.Module, args: Any) -> None:
+        live = ref()
+        if live is not None and module is live._model:
+            live._start()
+
+    return hook
 
 
 class BlockCoordinateOptimizer(torch.optim.Optimizer):
@@ -74,7 +90,9 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
             first, default group.
         data_parallel: average the active block's gradients over the default process group as
             backward produces them (bcd's own data parallelism: no DDP wrapper, communication
-            per step proportional to the block). See :mod:`bcd.distributed`.
+            per step proportional to the block). Without it, on several ranks, ``model`` is a
+            DDP or FSDP2 model, or a plain one that such a wrapper takes over before its first
+            forward (the Trainer, accelerate). See :mod:`bcd.distributed`.
 
     Raises:
         ValueError: any invalid argument, naming the value received and what is accepted.
@@ -99,7 +117,10 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         if not isinstance(model, nn.Module):
             raise ValueError(f"Invalid model: {type(model).__name__}; accepted: a torch.nn.Module.")
         distributed.check_supported(model)
-        distributed.check_gradient_sync(model, data_parallel)
+        # On several ranks with a plain model, a wrapper (DDP, FSDP2) is expected before the first
+        # forward: the Trainer and accelerate add it after the optimizer exists.
+        self._awaiting_wrapper = distributed.check_gradient_sync(model, data_parallel)
+        self._check_sync = self._awaiting_wrapper
         self.data_parallel = data_parallel
         positive_int("switch_every", switch_every)
         solver_options = dict(solver_options or {})
@@ -135,10 +156,11 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         super().__init__(self._outer_groups(model, no_decay, groups), defaults)
 
         # Freeze every candidate (and those the partition left out: they are never trained);
-        # _activate then unfreezes the first block.
-        for param in self._candidates.values():
-            param.requires_grad_(False)
-            param.grad = None
+        # _activate then unfreezes the first block. Awaiting a wrapper, freezing waits for the
+        # first forward (_start): DDP registers only the parameters that require grad when it is
+        # built, and would never average a block frozen then.
+        if not self._awaiting_wrapper:
+            self._freeze_all()
         if any(not needs_master(p) and p.is_floating_point() for p in self._candidates.values()):
             warnings.warn(
                 "bcd: some trainable parameters are fp32 and are updated in place; a bf16 model "
@@ -158,8 +180,47 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         self._activate(self._order[0], reason="start")
         # Checkpointing switched on later (the Trainer does) must not run backward through frozen blocks.
         self._checkpointing_guard = checkpointing.guard(model)
+        # A global hook, because it runs before every module's own hooks: a wrapper's pre-forward
+        # (FSDP2 unsharding the root's parameters) must not have run yet when _start looks.
+        self._start_handle = (
+            nn.modules.module.register_module_forward_pre_hook(_start_at_first_forward(self))
+            if self._awaiting_wrapper
+            else None
+        )
 
     # ------------------------------------------------------------------ construction helpers
+
+    def _freeze_all(self) -> None:
+        for param in self._candidates.values():
+            param.requires_grad_(False)
+            param.grad = None
+
+    def _start(self) -> None:
+        """Finish a construction that awaited a wrapper: adopt its parameters, freeze all but the active block.
+
+        Runs once, at the model's first forward (or the first step or state load, if earlier),
+        when the Trainer or accelerate has wrapped the model. FSDP2 swaps in new parameter
+        objects under the same names; they are looked up again by name.
+        """
+        if not self._awaiting_wrapper:
+            return
+        distributed.check_wrapper_at_first_forward()
+        current = dict(self._model.named_parameters(remove_duplicate=False))
+        missing = [n for n in self._candidates if n not in current]
+        if missing:
+            raise ValueError(
+                f"The model lost parameters after the optimizer was built (e.g. {missing[0]!r}); a wrapper may only "
+                "replace parameters under the same names (FSDP2 does)."
+            )
+        self._candidates = {n: current[n] for n in self._candidates}
+        for group, names in zip(self.param_groups, self._group_names):
+            group["params"] = [self._candidates[n] for n in names]
+        self._freeze_all()
+        self._active_params = [self._candidates[n] for n in self.active_block.param_names]
+        for param in self._active_params:
+            param.requires_grad_(True)
+        self._start_handle.remove()
+        self._awaiting_wrapper = False
 
     def _make_partition(self, epoch: int) -> Partition:
         partition = self._partitioner.partition(self._model, self._candidates, epoch)
@@ -347,6 +408,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         """Build the master copies and the solver for the active block, from its current weights."""
         if self._solver is not None:
             return
+        self._start()
         block = self.active_block
         current = dict(self._model.named_parameters())
         replaced = [n for n in block.param_names if current.get(n) is not self._candidates[n]]
@@ -389,6 +451,11 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._start()
+        if self._check_sync:
+            # Once: a wrapper the optimizer could not see at construction must average the gradients.
+            distributed.check_gradients_agree(self._active_params, self.active_block.name)
+            self._check_sync = False
         self._ensure_solver()
         self._sync_hyperparameters()
         self._masters.grads_in()

@@ -6,6 +6,7 @@ prompt template with the prompt masked out of the labels, gradient checkpointing
 
     python examples/sft_trainer.py                                   # tiny Llama, bundled data, CPU
     python examples/sft_trainer.py --model path/to/model --dataset alpaca.json --steps 1000
+    torchrun --nproc-per-node 2 examples/sft_trainer.py       # DDP, added by the Trainer
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def main() -> None:
         gradient_accumulation_steps=2, learning_rate=2e-3, lr_scheduler_type="cosine", warmup_steps=10,
         max_grad_norm=1.0, weight_decay=0.01, logging_steps=10, save_steps=100,
         activation_checkpointing=True,  # bcd keeps the backward savings with it on
+        ddp_find_unused_parameters=True,  # several processes: the frozen blocks are DDP's unused parameters
         report_to=["tensorboard"], use_cpu=not torch.cuda.is_available(),
     )
     # lr, weight decay (biases and norms exempt), betas and eps come from the TrainingArguments.

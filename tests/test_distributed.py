@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -77,7 +78,9 @@ def wrap(model: nn.Module, mode: str, world: int):
 
 
 def worker(rank: int, world: int, port: int, mode: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # What torchrun sets: the Trainer and accelerate read it.
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         work(rank, world, mode, out)
@@ -94,8 +97,15 @@ def worker(rank: int, world: int, port: int, mode: str, out: str) -> None:
 
 def work(rank: int, world: int, mode: str, out: str) -> None:
     if mode == "unsynced":
-        with pytest.raises(ValueError, match=r"2 ranks, but nothing averages the gradients"):
-            optimizer_for(build())
+        model = build()
+        optimizer = optimizer_for(model)  # several ranks, no wrapper yet: it may still come
+        before = full_params(model)
+        share = batches(1)[0][rank::world]
+        model(input_ids=share, labels=share).loss.backward()
+        with pytest.raises(ValueError, match=r"2 ranks hold different gradients .* Nothing was updated"):
+            optimizer.step()
+        for name, value in full_params(model).items():
+            assert torch.equal(value, before[name]), name
         return
     if mode == "memory":
         model, _ = wrap(build(torch.bfloat16), "fsdp2", world)
@@ -122,6 +132,38 @@ def work(rank: int, world: int, mode: str, out: str) -> None:
                     param.copy_(distributed.like(state["model"][name], param))
             optimizer.load_state_dict(state["optimizer"])
         train(model, forward, optimizer, data[5:], rank, world)
+    elif mode.endswith("-after"):
+        # The optimizer first, the wrapper after: the order of the Trainer and accelerate's prepare().
+        model = build()
+        optimizer = optimizer_for(model)
+        model, forward = wrap(model, mode.removesuffix("-after"), world)
+        train(model, forward, optimizer, batches(STEPS), rank, world)
+    elif mode == "accelerate":
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        model = build()
+        wrapped, optimizer = Accelerator(cpu=True).prepare(model, optimizer_for(model))  # DDP, after the optimizer
+        ids = batches(1)[0]
+        with pytest.raises(ValueError, match=r"accelerate's default.*DistributedDataParallelKwargs"):
+            wrapped(input_ids=ids, labels=ids)
+
+        accelerator = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        model = build()
+        wrapped, optimizer = accelerator.prepare(model, optimizer_for(model))
+        for ids in batches(STEPS):
+            share = ids[rank * BATCH // world:(rank + 1) * BATCH // world]
+            accelerator.backward(wrapped(input_ids=share, labels=share).loss)
+            accelerator.clip_grad_norm_(wrapped.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+    elif mode == "trainer-checkpointing":
+        # With gradient checkpointing the Trainer asks DDP not to look for unused parameters.
+        with pytest.raises(ValueError, match=r"find_unused_parameters=False .*ddp_find_unused_parameters=True"):
+            trainer_run(out, world, gradient_checkpointing=True)
+        model = trainer_run(out, world, gradient_checkpointing=True, ddp_find_unused_parameters=True)
+    elif mode.startswith("trainer"):
+        model = trainer_run(out, world, resume=mode == "trainer-resume")
     else:
         model, forward = wrap(build(), mode, world)
         optimizer = optimizer_for(model, data_parallel=mode == "native")
@@ -129,6 +171,30 @@ def work(rank: int, world: int, mode: str, out: str) -> None:
     params = full_params(model)
     if rank == 0:
         torch.save(params, out)
+
+
+def trainer_run(out: str, world: int, resume: bool = False, **overrides: Any) -> nn.Module:
+    """The transformers Trainer with bcd.BAdam; on several ranks accelerate wraps the model in DDP."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from bcd.integrations.transformers import badam_from_training_args
+
+    ids = torch.cat(batches(STEPS)).tolist()  # equal lengths: the mean over ranks is the global mean
+    args = TrainingArguments(
+        output_dir=os.path.join(os.path.dirname(out), "trainer"), per_device_train_batch_size=BATCH // world,
+        max_steps=STEPS, learning_rate=1e-2, max_grad_norm=1.0, lr_scheduler_type="cosine", save_steps=5,
+        report_to=[], use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0, disable_tqdm=True, **overrides,
+    )
+    model = build()
+    optimizer = badam_from_training_args(model, args, switch_every=K, order="random", seed=3,
+                                         include_embedding=True, include_head=True)
+    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}),
+                      optimizers=(optimizer, None))
+    checkpoint = os.path.join(args.output_dir, "checkpoint-5")  # K = 2: step 5 is mid-block
+    trainer.train(resume_from_checkpoint=checkpoint if resume else None)
+    assert world == 1 or isinstance(trainer.model_wrapped, nn.parallel.DistributedDataParallel)
+    return model
 
 
 def spawn(mode: str, tmp_path, world: int = 2):
@@ -144,12 +210,28 @@ def single_process():
     return full_params(model)
 
 
-@pytest.mark.parametrize("mode", ["fsdp2", "ddp", "native"])
+@pytest.mark.parametrize("mode", ["fsdp2", "fsdp2-after", "ddp", "ddp-after", "accelerate", "native"])
 def test_two_ranks_match_one_process(mode, tmp_path, single_process):
     result = torch.load(spawn(mode, tmp_path), weights_only=True)
     assert result.keys() == single_process.keys()
     for name, value in single_process.items():
         torch.testing.assert_close(result[name], value, rtol=0, atol=1e-5, msg=name)
+
+
+def test_trainer_on_two_ranks_matches_one_process_and_resumes(tmp_path):
+    """DDP added by the Trainer (accelerate) after the optimizer was built; a checkpoint saved mid-block."""
+    single = full_params(trainer_run(str(tmp_path / "single" / "out"), world=1))
+    uninterrupted = torch.load(spawn("trainer", tmp_path), weights_only=True)
+    for name, value in single.items():
+        torch.testing.assert_close(uninterrupted[name], value, rtol=0, atol=1e-5, msg=name)
+    resumed = torch.load(spawn("trainer-resume", tmp_path), weights_only=True)
+    for name, value in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_trainer_with_gradient_checkpointing_needs_ddp_find_unused_parameters(tmp_path, single_process):
+    result = torch.load(spawn("trainer-checkpointing", tmp_path), weights_only=True)
+    assert result.keys() == single_process.keys()
 
 
 def test_save_on_two_ranks_resume_on_two_and_on_one(tmp_path, single_process):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
@@ -91,3 +92,12 @@ def test_bf16_mixed_precision_argument_trains(tmp_path):
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, initial[n])]
     assert changed and all(n.startswith("model.layers.") for n in changed)  # BAdam: layers only
+
+
+def test_the_trainers_fsdp_mode_is_refused(tmp_path, monkeypatch):
+    args = arguments(tmp_path, fsdp=True, fsdp_config={"version": 2})
+    with pytest.raises(ValueError, match=r"FSDP mode .*get_optimizer_state_dict.* Accepted: the Trainer without fsdp"):
+        badam_from_training_args(tiny_llama(layers=2), args)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
+    with pytest.raises(ValueError, match=r"FSDP mode"):
+        badam_from_training_args(tiny_llama(layers=2), arguments(tmp_path))

@@ -3,7 +3,10 @@
 The optimizer needs no adapter: ``Trainer(..., optimizers=(bcd.BAdam(model, ...), None))`` works
 with the Trainer's LR scheduler, gradient accumulation, ``max_grad_norm`` clipping, bf16,
 periodic checkpoints and ``resume_from_checkpoint`` (bcd's state dict carries the whole block
-schedule). This module adds the two conveniences:
+schedule), and on several processes with the DDP wrapper the Trainer adds (see
+:mod:`bcd.distributed`). The Trainer's FSDP mode is refused: it checkpoints optimizers through
+``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``, which assumes one state
+entry per parameter. This module adds the two conveniences:
 
 - :func:`badam_from_training_args` builds ``bcd.BAdam`` from ``TrainingArguments`` (lr, weight
   decay with the usual no-decay group, betas, eps), so there is one source of truth;
@@ -13,6 +16,7 @@ schedule). This module adds the two conveniences:
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from torch import nn
@@ -25,13 +29,28 @@ from bcd.optimizer import BlockCoordinateOptimizer
 MB = 1e6
 
 
+def _refuse_fsdp(fsdp: bool) -> None:
+    if fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise ValueError(
+            "Unsupported: bcd with the Trainer's FSDP mode (TrainingArguments(fsdp=...) or an accelerate FSDP config): "
+            "the Trainer saves FSDP optimizer checkpoints with torch.distributed.checkpoint's get_optimizer_state_dict, "
+            "which assumes one optimizer state entry per parameter and would take a step to create it. Accepted: the "
+            "Trainer without fsdp (DDP on several processes), or FSDP2 in your own loop with "
+            "bcd.distributed.full_state_dict for checkpoints (docs/distributed.md)."
+        )
+
+
 def badam_from_training_args(model: nn.Module, args: TrainingArguments, **kwargs: Any) -> BAdam:
     """``bcd.BAdam`` with the Trainer's optimizer settings.
 
     ``learning_rate``, ``weight_decay`` (biases and norm weights exempt, as the Trainer does),
     ``adam_beta1``/``adam_beta2`` and ``adam_epsilon`` come from ``args``; ``kwargs`` go to
     :class:`bcd.BAdam` (``switch_every``, ``order``, ``seed``, ...) and win over ``args``.
+
+    Raises:
+        ValueError: ``args`` asks for FSDP (see the module docstring).
     """
+    _refuse_fsdp(bool(args.fsdp))
     settings: dict[str, Any] = {
         "lr": args.learning_rate,
         "weight_decay": args.weight_decay,
@@ -98,7 +117,12 @@ class BlockCoordinateCallback(TrainerCallback):
 
 
 def attach(trainer: Trainer, memory: bool = True) -> BlockCoordinateCallback:
-    """Put a :class:`BlockCoordinateCallback` first among ``trainer``'s callbacks and return it."""
+    """Put a :class:`BlockCoordinateCallback` first among ``trainer``'s callbacks and return it.
+
+    Raises:
+        ValueError: the Trainer runs in FSDP mode (see the module docstring).
+    """
+    _refuse_fsdp(bool(getattr(trainer, "is_fsdp_enabled", False)))
     callback = BlockCoordinateCallback(memory=memory)
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback
