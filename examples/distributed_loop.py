@@ -3,6 +3,12 @@
     torchrun --nproc-per-node 2 examples/distributed_loop.py --mode fsdp2      # CPU: gloo, GPU: nccl
     torchrun --nproc-per-node 2 examples/distributed_loop.py --mode ddp
     torchrun --nproc-per-node 2 examples/distributed_loop.py --mode bcd
+    torchrun --nproc-per-node 2 examples/distributed_loop.py --mode accelerate   # accelerate's DDP
+    accelerate launch --config_file examples/accelerate-fsdp2.yaml examples/distributed_loop.py --mode accelerate
+
+With ``--mode accelerate`` the optimizer is built first and ``accelerator.prepare`` wraps the
+model afterwards (DDP, or FSDP2 with the config file, which accelerate applies on GPUs only);
+bcd takes over the wrapped parameters at the first forward.
 
 Each rank trains on its share of every batch; the optimizer state is saved gathered (one block's
 worth) so that it resumes on any number of ranks.
@@ -24,24 +30,35 @@ from bcd import distributed
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="bcd.BAdam with FSDP2, DDP or bcd data parallelism.")
-    parser.add_argument("--mode", choices=["fsdp2", "ddp", "bcd"], default="fsdp2", help="parallelism (default fsdp2)")
+    parser.add_argument("--mode", choices=["fsdp2", "ddp", "bcd", "accelerate"], default="fsdp2",
+                        help="parallelism (default fsdp2)")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps (default 40)")
     parser.add_argument("--save", default="runs/distributed-optimizer.pt", help="where rank 0 saves the optimizer state")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    accelerator = None
+    if args.mode == "accelerate":
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        # DDP must report the frozen blocks as unused; accelerate's default would wait for them.
+        accelerator = Accelerator(cpu=not cuda,
+                                  kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    else:
+        dist.init_process_group("nccl" if cuda else "gloo")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        rank, world = dist.get_rank(), dist.get_world_size()
 
     torch.manual_seed(0)  # the same initial weights on every rank
     config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16)
 
-    # Wrap first, then build the optimizer over what was wrapped.
+    # Wrap first, then build the optimizer over what was wrapped (accelerate: the other way round).
     if args.mode == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -57,24 +74,31 @@ def main() -> None:
         forward = trained = model
     optimizer = bcd.BAdam(trained, lr=1e-3, switch_every=5, include_embedding=True, include_head=True,
                           data_parallel=args.mode == "bcd")
+    if accelerator is not None:
+        forward, optimizer = accelerator.prepare(model, optimizer)
+        trained = forward
 
+    bcd_optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
     generator = torch.Generator().manual_seed(1)  # the same batches on every rank; each takes its share
     for step in range(args.steps):
         ids = torch.randint(0, 256, (8, 64), generator=generator)[rank::world].to(device)
         loss = forward(input_ids=ids, labels=ids).loss
-        loss.backward()
+        accelerator.backward(loss) if accelerator is not None else loss.backward()
         torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
         if rank == 0 and step % 10 == 0:
-            print(f"step {step} loss {loss.item():.3f} block {optimizer.active_block.name}")
+            print(f"step {step} loss {loss.item():.3f} block {bcd_optimizer.active_block.name}")
 
-    state = distributed.full_state_dict(optimizer)  # a collective: every rank calls it
+    state = distributed.full_state_dict(bcd_optimizer)  # a collective: every rank calls it
     if rank == 0:
         os.makedirs(os.path.dirname(args.save) or ".", exist_ok=True)
         torch.save(state, args.save)
         print(f"optimizer state saved to {args.save} (loads on any number of ranks)")
-    dist.destroy_process_group()
+    if accelerator is not None:
+        accelerator.end_training()
+    else:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
