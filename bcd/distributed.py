@@ -13,10 +13,10 @@
 Wrapper before or after the optimizer: both work. Built over a wrapped model, the optimizer
 freezes all blocks but one at once. Built over a plain model on several ranks (the Trainer and
 ``accelerate``'s ``prepare()`` wrap the model after the optimizer exists), it leaves every
-candidate trainable until the model's first forward, so that DDP registers every parameter;
-then it adopts the parameters FSDP2 swapped in (same names), freezes, and checks at its first
-step that the ranks' gradients agree (:func:`check_gradients_agree`): nothing averaging them is
-an error, not a silent drift.
+candidate trainable until the model's first forward with autograd, so that DDP registers every
+parameter; then it adopts the parameters FSDP2 swapped in (same names), freezes, and checks at
+the first step of every visit that the ranks' gradients agree (:func:`check_gradients_agree`):
+nothing averaging them is an error, not a silent drift.
 
 Saving: the optimizer's state holds one block, so :func:`full_state_dict` gathers it into plain
 tensors on every rank (cheap: 16M/D bytes at most), and ``load_state_dict`` re-shards it into
@@ -90,8 +90,8 @@ def check_gradient_sync(model: nn.Module, data_parallel: bool) -> bool:
     True on several ranks for a plain model (no DDP, no FSDP2) without ``data_parallel``: the
     Trainer and accelerate wrap the model in DDP or FSDP2 *after* the optimizer is built. The
     optimizer then defers freezing to the model's first forward, so that the wrapper sees every
-    candidate as trainable, and checks with :func:`check_gradients_agree` at its first step that
-    something did average the gradients.
+    candidate as trainable, and checks with :func:`check_gradients_agree` at the first step of
+    every visit that something did average the gradients.
 
     Raises:
         ValueError: ``data_parallel=True`` without an initialized process group.
@@ -160,7 +160,8 @@ def check_gradients_agree(params: Iterable[torch.Tensor], block: str) -> None:
             f"Unsupported setup: {world} ranks hold different gradients for block {block!r}: nothing averaged them, "
             "and the replicas would drift apart. Nothing was updated. Accepted: wrap the model in "
             "DistributedDataParallel(model, find_unused_parameters=True) or FSDP2 (fully_shard) before its first "
-            "forward, pass data_parallel=True, or train with the Trainer / accelerate, which wrap it."
+            "forward, pass data_parallel=True, or train with the Trainer / accelerate, which wrap it (but the "
+            "Trainer (transformers 5.23) trains without DDP after a trainer.evaluate() before trainer.train())."
         )
 
 

@@ -51,13 +51,15 @@ def _caller_stacklevel() -> int:
 def _start_at_first_forward(optimizer: BlockCoordinateOptimizer):
     """A global forward pre-hook calling ``optimizer._start()`` when its model's forward begins.
 
-    It holds the optimizer weakly: one dropped before any forward leaves a hook that does nothing.
+    Forwards without autograd (an evaluation before training, outside the training wrapper) do
+    not count. The hook holds the optimizer weakly: one dropped before any forward leaves a hook
+    that does nothing.
     """
     ref = weakref.ref(optimizer)
 
     def hook(module: nn.Module, args: Any) -> None:
         live = ref()
-        if live is not None and module is live._model:
+        if live is not None and module is live._model and torch.is_grad_enabled():
             live._start()
 
     return hook
@@ -452,10 +454,10 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._start()
-        if self._check_sync:
-            # Once: a wrapper the optimizer could not see at construction must average the gradients.
+        if self._check_sync and self._solver is None:
+            # At each visit's first step (one all-gather of two numbers): a wrapper the optimizer
+            # could not see at construction must average this block's gradients too.
             distributed.check_gradients_agree(self._active_params, self.active_block.name)
-            self._check_sync = False
         self._ensure_solver()
         self._sync_hyperparameters()
         self._masters.grads_in()

@@ -136,6 +136,8 @@ def work(rank: int, world: int, mode: str, out: str) -> None:
         # The optimizer first, the wrapper after: the order of the Trainer and accelerate's prepare().
         model = build()
         optimizer = optimizer_for(model)
+        with torch.no_grad():  # e.g. an evaluation first: not the forward bcd waits for
+            model(input_ids=batches(1)[0])
         model, forward = wrap(model, mode.removesuffix("-after"), world)
         train(model, forward, optimizer, batches(STEPS), rank, world)
     elif mode == "accelerate":
