@@ -313,3 +313,17 @@ def test_parameters_replaced_after_construction_are_a_clear_error(tmp_path):
 
 def test_several_ranks_without_gradient_averaging_are_refused(tmp_path):
     spawn("unsynced", tmp_path)  # the worker asserts the ValueError; a failure there fails the spawn
+
+
+def test_world_size_from_the_environment_without_a_process_group_is_refused_at_the_first_step(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's, in a script that never called init_process_group
+    model = build()
+    optimizer = optimizer_for(model)
+    before = full_params(model)
+    ids = batches(1)[0]
+    model(input_ids=ids, labels=ids).loss.backward()
+    with pytest.raises(ValueError, match=r"WORLD_SIZE=2, but torch.distributed was never initialized"):
+        optimizer.step()
+    for name, value in full_params(model).items():
+        assert torch.equal(value, before[name]), name
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == list(optimizer.active_block.param_names)
