@@ -84,7 +84,7 @@ def _is_fsdp2(model: nn.Module) -> bool:
     return any(hasattr(p, "device_mesh") for p in model.parameters())
 
 
-def check_gradient_sync(model: nn.Module, data_parallel: bool) -> bool:
+def expects_wrapper(model: nn.Module, data_parallel: bool) -> bool:
     """Whether gradient averaging is expected from a wrapper that is not there yet.
 
     True on several ranks for a plain model (no DDP, no FSDP2) without ``data_parallel``: the

@@ -121,7 +121,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         distributed.check_supported(model)
         # On several ranks with a plain model, a wrapper (DDP, FSDP2) is expected before the first
         # forward: the Trainer and accelerate add it after the optimizer exists.
-        self._awaiting_wrapper = distributed.check_gradient_sync(model, data_parallel)
+        self._awaiting_wrapper = distributed.expects_wrapper(model, data_parallel)
         self._check_sync = self._awaiting_wrapper
         self.data_parallel = data_parallel
         positive_int("switch_every", switch_every)
