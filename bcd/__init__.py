@@ -1,20 +1,27 @@
 """bcd: pluggable block-coordinate optimization for PyTorch, with BAdam as the reference composition."""
 
-from bcd import plugins
+from bcd import memory, plugins, testing
 from bcd.badam import BAdam
 from bcd.blocks import Block, Partition
+from bcd.contracts import Ordering, Partitioner
 from bcd.events import BlockSwitch
 from bcd.hookspecs import hookimpl
 from bcd.optimizer import BlockCoordinateOptimizer, PrecisionNote
+from bcd.schedule import BlockSchedule
 
 __all__ = [
     "BAdam",
     "Block",
     "BlockCoordinateOptimizer",
+    "BlockSchedule",
     "BlockSwitch",
+    "Ordering",
     "Partition",
+    "Partitioner",
     "PrecisionNote",
     "hookimpl",
+    "memory",
     "plugins",
+    "testing",
 ]
 __version__ = "0.1.0"

@@ -27,6 +27,23 @@ def _relevant(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
+def check(model: nn.Module, modules: list[tuple[str, nn.Module]] | None = None) -> None:
+    """Refuse reentrant checkpointing, changing nothing.
+
+    Raises:
+        ValueError: checkpointing is enabled with ``use_reentrant=True``.
+    """
+    for name, module in _relevant(model) if modules is None else modules:
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if getattr(module, "gradient_checkpointing", False) and getattr(func, "keywords", {}).get("use_reentrant"):
+            raise ValueError(
+                f"Reentrant activation checkpointing is enabled (on {name or type(module).__name__}): with frozen "
+                "blocks below the active one its input does not require grad and the active layer would get no "
+                "gradient. Accepted: non-reentrant checkpointing, e.g. bcd.checkpointing.enable(model), or "
+                "model.activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False})."
+            )
+
+
 def make_compatible(model: nn.Module, modules: list[tuple[str, nn.Module]] | None = None) -> bool:
     """Remove transformers' input-require-grads hooks; refuse reentrant checkpointing.
 
@@ -40,16 +57,10 @@ def make_compatible(model: nn.Module, modules: list[tuple[str, nn.Module]] | Non
     Raises:
         ValueError: checkpointing is enabled with ``use_reentrant=True``.
     """
+    modules = _relevant(model) if modules is None else modules
+    check(model, modules)
     removed = False
-    for name, module in _relevant(model) if modules is None else modules:
-        func = getattr(module, "_gradient_checkpointing_func", None)
-        if getattr(module, "gradient_checkpointing", False) and getattr(func, "keywords", {}).get("use_reentrant"):
-            raise ValueError(
-                f"Reentrant activation checkpointing is enabled (on {name or type(module).__name__}): with frozen "
-                "blocks below the active one its input does not require grad and the active layer would get no "
-                "gradient. Accepted: non-reentrant checkpointing, e.g. model.gradient_checkpointing_enable("
-                "gradient_checkpointing_kwargs={'use_reentrant': False})."
-            )
+    for name, module in modules:
         if getattr(module, "_require_grads_hooks", None) and hasattr(module, "disable_input_require_grads"):
             module.disable_input_require_grads()
             removed = True

@@ -26,7 +26,8 @@ whatever the current parameters are. A checkpoint saved on N ranks loads on any 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+import weakref
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -107,6 +108,67 @@ def expects_wrapper(model: nn.Module, data_parallel: bool) -> bool:
     from torch.nn.parallel import DistributedDataParallel
 
     return not (isinstance(model, DistributedDataParallel) or _is_fsdp2(model))
+
+
+class WrapperWait:
+    """Defer freezing to the model's first forward with autograd, when a wrapper is expected.
+
+    A global forward pre-hook, because it runs before every module's own hooks: a wrapper's
+    pre-forward (FSDP2 unsharding the root's parameters) must not have run yet when
+    :meth:`start` looks. Forwards without autograd (an evaluation before training) do not count.
+    The hook holds this object weakly, and :meth:`close` removes it.
+
+    Args:
+        model: the plain model the optimizer was built over.
+        on_start: called once with the model's parameters by name as they are then (FSDP2 swaps
+            in new objects under the same names).
+    """
+
+    def __init__(self, model: nn.Module, on_start: Callable[[dict[str, nn.Parameter]], None]) -> None:
+        self.model = model
+        self.on_start = on_start
+        ref = weakref.ref(self)
+
+        def hook(module: nn.Module, args: Any) -> None:
+            live = ref()
+            if live is not None and module is live.model and torch.is_grad_enabled():
+                live.start()
+
+        self._handle: RemovableHandle | None = nn.modules.module.register_module_forward_pre_hook(hook)
+
+    @property
+    def pending(self) -> bool:
+        """Whether the first forward has not happened yet."""
+        return self._handle is not None
+
+    def start(self) -> None:
+        """Adopt the wrapped model's parameters (idempotent); also called at the first step or state load."""
+        if self._handle is None:
+            return
+        check_wrapper_at_first_forward()
+        self.close()
+        self.on_start(dict(self.model.named_parameters(remove_duplicate=False)))
+
+    def close(self) -> None:
+        """Remove the global hook."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+def adopt(candidates: Mapping[str, nn.Parameter], current: Mapping[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+    """The candidates re-read by name from ``current`` (a wrapper may replace parameter objects, not names).
+
+    Raises:
+        ValueError: a candidate's name is gone.
+    """
+    missing = [n for n in candidates if n not in current]
+    if missing:
+        raise ValueError(
+            f"The model lost parameters after the optimizer was built (e.g. {missing[0]!r}); a wrapper may only "
+            "replace parameters under the same names (FSDP2 does)."
+        )
+    return {n: current[n] for n in candidates}
 
 
 def check_wrapper_at_first_forward() -> None:
@@ -206,3 +268,12 @@ def like(saved: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
         return distribute_tensor(saved.to(target.dtype), target.device_mesh, target.placements)
     return saved
+
+
+def reshard_solver_state(solver_state: Mapping[str, Any], solver: torch.optim.Optimizer) -> dict[str, Any]:
+    """Solver state saved as full tensors (:func:`full_state_dict`), laid out like ``solver``'s parameters."""
+    params = [p for group in solver.param_groups for p in group["params"]]
+    return {**solver_state, "state": {
+        index: {k: like(v, params[int(index)]) if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
+        for index, entry in solver_state["state"].items()
+    }}

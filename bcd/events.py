@@ -9,7 +9,7 @@ from bcd.blocks import Block
 
 @attrs.frozen(kw_only=True)
 class BlockSwitch:
-    """One activation of a block, as passed to the ``block_switched`` hook.
+    """One activation of a block, as passed to hooks registered with ``register_block_switch_hook``.
 
     Attributes:
         block: the block now active.

@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 import torch
-from torch import nn
+from bcd.presets import tiny_llama
 
 DEMO_DATA = Path(__file__).parent / "data" / "demo_instructions.jsonl"
 IGNORE_INDEX = -100  # label id that the loss skips
@@ -99,16 +99,6 @@ def tokenize(data, tokenizer, max_length: int):
     return data.map(encode, remove_columns=data.column_names)
 
 
-def tiny_llama(vocab_size: int, layers: int = 4, hidden: int = 128) -> nn.Module:
-    """A small Llama built from a config, for the demo: nothing downloaded."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=int(hidden * 2.75),
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=False)
-    return LlamaForCausalLM(config)
-
-
 @attrs.frozen(kw_only=True)
 class FinetuneSummary:
     """What a fine-tuning run did."""
@@ -161,7 +151,7 @@ def finetune(
     if model_name is None:
         texts = [format_prompt(e) + e["output"] for e in data]
         tokenizer = train_tokenizer(texts)
-        model = tiny_llama(len(tokenizer)).to(torch.bfloat16)
+        model = tiny_llama(vocab_size=len(tokenizer), layers=4, hidden=128, dtype=torch.bfloat16)
         model.config.pad_token_id, model.config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     else:
         tokenizer = AutoTokenizer.from_pretrained(model_name)

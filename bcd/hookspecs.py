@@ -4,19 +4,18 @@ A plugin is any object (usually a module) with functions marked ``@bcd.hookimpl`
 match the specifications below. Built-in plugins live in the ``bcd_plugins`` package and are
 registered through the ``bcd`` entry-point group, exactly like a third party's.
 
-The three ``register_*`` hooks follow one pattern: bcd calls them with a ``register`` callback
+To observe one optimizer's block switches, use
+:meth:`bcd.BlockCoordinateOptimizer.register_block_switch_hook`: an observer belongs to an
+optimizer, not to the process. The three ``register_*`` hooks follow one pattern: bcd calls them with a ``register`` callback
 and the plugin calls ``register(name, factory)`` once per thing it provides. Names are global
 across all plugins of a kind; a duplicate name is refused when the registry is built.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import pluggy
-
-if TYPE_CHECKING:
-    from bcd.events import BlockSwitch
 
 hookspec = pluggy.HookspecMarker("bcd")
 hookimpl = pluggy.HookimplMarker("bcd")
@@ -69,18 +68,4 @@ def register_solvers(register: Callable[[str, Callable], None]) -> None:
             itself is such a factory). ``params`` is a list of parameter-group dicts. bcd keeps the
             hyperparameters in its own ``param_groups`` and copies them into the solver's groups
             before every step, so LR schedulers see and change them as usual.
-    """
-
-
-@hookspec
-def block_switched(event: BlockSwitch) -> None:
-    """React to a block switch: logging, metrics, debugging.
-
-    Called by every :class:`bcd.BlockCoordinateOptimizer` each time it activates a block,
-    including the first activation at construction (``event.previous is None``) and after
-    ``load_state_dict``. Return values are ignored. The hook must not change which parameters
-    require gradients.
-
-    Args:
-        event: a frozen :class:`bcd.BlockSwitch` describing the switch.
     """

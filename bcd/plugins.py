@@ -1,7 +1,8 @@
 """The plugin manager and the registries of partitioners, orderings and solvers.
 
 Plugins come from the ``bcd`` entry-point group (the built-ins in ``bcd_plugins`` are found there
-too) or are registered in-process with :func:`register` — handy in scripts and tests::
+too; ``BCD_LOAD_PLUGINS=dist1,dist2`` restricts which other distributions load, empty for none)
+or are registered in-process with :func:`register` — handy in scripts and tests::
 
     class MyPlugin:
         @bcd.hookimpl
@@ -13,8 +14,10 @@ too) or are registered in-process with :func:`register` — handy in scripts and
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -28,6 +31,8 @@ KINDS = ("partitioner", "ordering", "solver")
 pm = pluggy.PluginManager("bcd")
 pm.add_hookspecs(hookspecs)
 _entry_points_loaded = False
+_distributions: list[tuple[object, str]] = []
+LOAD_ENV = "BCD_LOAD_PLUGINS"
 _registry: dict[str, dict[str, Registration]] | None = None
 
 
@@ -49,17 +54,56 @@ class Registration:
     source: str
 
 
+def _normalized(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def allowed_distributions() -> set[str] | None:
+    """The distributions whose entry points load (besides bcd's own): None for all.
+
+    ``BCD_LOAD_PLUGINS`` restricts them: a comma-separated list of distribution names, or empty
+    for none but bcd's built-ins (the test suite sets it, so installed plugins cannot change its
+    results).
+    """
+    value = os.environ.get(LOAD_ENV)
+    if value is None:
+        return None
+    return {_normalized(n.strip()) for n in value.split(",") if n.strip()}
+
+
 def _ensure_loaded() -> None:
     global _entry_points_loaded
-    if not _entry_points_loaded:
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-        _entry_points_loaded = True
+    if _entry_points_loaded:
+        return
+    allowed = allowed_distributions()
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = entry_point.dist
+        dist_name = _normalized(dist.name) if dist is not None else ""
+        if dist_name != "bcd" and allowed is not None and dist_name not in allowed:
+            continue
+        if pm.get_plugin(entry_point.name) is not None or pm.is_blocked(entry_point.name):
+            continue
+        plugin = entry_point.load()
+        pm.register(plugin, name=entry_point.name)
+        if dist is not None:
+            _distributions.append((plugin, f"{dist.name} {dist.version}"))
+    _entry_points_loaded = True
+    _check_pending()
+
+
+def _check_pending() -> None:
+    """Refuse a hook implementation whose name matches no hook (a misspelt ``register_partitioner``)."""
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as error:
+        hooks = ", ".join(sorted(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "bcd_spec")))
+        raise ValueError(f"Invalid plugin {_source_of(error.plugin)}: {error}; accepted hook names: {hooks}.") from error
 
 
 def _source_of(plugin: object) -> str:
-    for loaded, dist in pm.list_plugin_distinfo():
+    for loaded, source in _distributions:
         if loaded is plugin:
-            return f"{dist.project_name} {dist.version}"
+            return source
     label = getattr(plugin, "__name__", None) or type(plugin).__qualname__
     return f"{label} (in-process)"
 
@@ -115,6 +159,7 @@ def register(plugin: object, name: str | None = None) -> None:
         raise ValueError(f"Cannot register plugin {plugin!r}: {error}") from error
     _registry = None
     try:
+        _check_pending()
         registry()
     except ValueError:
         pm.unregister(plugin)
@@ -146,38 +191,56 @@ def lookup(kind: str, name: str) -> Registration:
 
 
 def create(kind: str, name: str, options: dict[str, Any] | None = None, *args: Any) -> Any:
-    """Look up ``name`` and call its factory with ``*args`` and ``**options``.
+    """Look up ``name`` and call its factory with ``*args`` and ``**options`` (see :func:`call`)."""
+    return call(lookup(kind, name).factory, options, *args, label=f"{kind} {name!r}")
 
-    Options the factory does not accept are refused with the list of accepted ones, rather than
-    surfacing as a bare ``TypeError`` from deep inside.
+
+def call(factory: Callable[..., Any], options: Mapping[str, Any] | None, *args: Any, label: str) -> Any:
+    """``factory(*args, **options)``, with every option mistake a ``ValueError`` naming ``label``.
+
+    Options the factory does not accept, and required ones missing, are refused with the list of
+    accepted ones rather than surfacing as a bare ``TypeError`` from deep inside; a ``TypeError``
+    or ``IndexError`` the factory raises on a bad value becomes a ``ValueError`` too.
     """
-    factory = lookup(kind, name).factory
+    if options is not None and not isinstance(options, Mapping):
+        raise ValueError(f"Invalid options for {label}: {options!r}; accepted: a dict of keyword options.")
     options = dict(options or {})
-    accepted = _accepted_options(factory)
+    accepted, required = _signature_options(factory)
     if accepted is not None:
         unknown = sorted(set(options) - accepted)
         if unknown:
             raise ValueError(
-                f"Unknown option(s) {unknown} for {kind} {name!r}; accepted: {', '.join(sorted(accepted)) or '(none)'}."
+                f"Unknown option(s) {unknown} for {label}; accepted: {', '.join(sorted(accepted)) or '(none)'}."
             )
-    return factory(*args, **options)
+    missing = sorted(required - set(options))
+    if missing:
+        raise ValueError(f"Missing option(s) {missing} for {label}: required, no default; received {options!r}.")
+    try:
+        return factory(*args, **options)
+    except (TypeError, IndexError) as error:
+        raise ValueError(f"Invalid options for {label}: {options!r}: {error}") from error
 
 
-def _accepted_options(factory: Callable[..., Any]) -> set[str] | None:
-    """Keyword names ``factory`` accepts, or None when it takes ``**kwargs`` or has no signature."""
+def _signature_options(factory: Callable[..., Any]) -> tuple[set[str] | None, set[str]]:
+    """Keyword names ``factory`` accepts (None when it takes ``**kwargs`` or has no signature), and the required ones."""
     try:
         signature = inspect.signature(factory)
     except (TypeError, ValueError):
-        return None
+        return None, set()
     names: set[str] = set()
+    required: set[str] = set()
+    takes_any = False
     for param in signature.parameters.values():
         if param.kind is inspect.Parameter.VAR_KEYWORD:
-            return None
+            takes_any = True
         if param.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
             names.add(param.name)
+            if param.default is inspect.Parameter.empty:
+                required.add(param.name)
     # Solvers take their parameters positionally first; that slot is not an option.
     names.discard("params")
-    return names
+    required.discard("params")
+    return (None if takes_any else names), required
 
 
 def list_plugins() -> list[Registration]:

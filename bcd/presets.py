@@ -43,12 +43,46 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_attention_heads": 16, "intermediate_size": 4096, "max_position_embeddings": 514,
         "type_vocab_size": 1, "pad_token_id": 1,
     },
-    "llama-tiny": {
-        "model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 176,
-        "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "max_position_embeddings": 512, "tie_word_embeddings": False,
-    },
 }
+
+
+def tiny_llama_config(*, vocab_size: int = 256, hidden: int = 64, layers: int = 8, heads: int = 4, kv_heads: int = 2,
+                      intermediate: int | None = None, max_positions: int = 512) -> dict[str, Any]:
+    """A small Llama's config values: the ``llama-tiny`` preset, and every tiny model in tests, tools and examples.
+
+    ``intermediate`` defaults to ``2.75 * hidden``, Llama-2's ratio (11008 / 4096 is about 2.69).
+    """
+    return {
+        "model_type": "llama", "vocab_size": vocab_size, "hidden_size": hidden,
+        "intermediate_size": intermediate if intermediate is not None else int(2.75 * hidden),
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "max_position_embeddings": max_positions, "tie_word_embeddings": False,
+    }
+
+
+PRESETS["llama-tiny"] = tiny_llama_config()
+
+
+def tiny_llama(*, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", **config: Any) -> nn.Module:
+    """A small ``LlamaForCausalLM`` with random weights, built in ``dtype`` on ``device``; nothing downloaded.
+
+    Args:
+        dtype: built directly in it (building in fp32 and converting would double the peak).
+        device: where to build it.
+        **config: :func:`tiny_llama_config` options (``vocab_size``, ``hidden``, ``layers``, ...).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    values = tiny_llama_config(**config)
+    values.pop("model_type")
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return LlamaForCausalLM(LlamaConfig(**values))
+    finally:
+        torch.set_default_dtype(default)
+
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

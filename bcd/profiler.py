@@ -9,7 +9,7 @@ backward) and "no block" (forward only).
 Block-epoch prediction over D uniform layers, relative to full backward:
 
 - the paper's coarse count: :math:`D(D+1)/2` unit passes instead of :math:`D^2`, i.e. :math:`(D+1)/(2D)`;
-- the refined count (DESIGN.md): a layer's backward is an input-gradient half and a
+- the refined count (docs/design.md): a layer's backward is an input-gradient half and a
   weight-gradient half; with layer :math:`i` active the layers above cost their input half, the
   active layer its weight half and about half its input half, so a block-epoch costs
   :math:`(D+2)/(4D)`, plus the head's share (its backward when it is the active block);

@@ -22,9 +22,9 @@ import os
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import bcd
+from bcd.presets import tiny_llama
 from bcd import distributed
 
 
@@ -54,9 +54,7 @@ def main() -> None:
         rank, world = dist.get_rank(), dist.get_world_size()
 
     torch.manual_seed(0)  # the same initial weights on every rank
-    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16)
+    model = tiny_llama(hidden=128, layers=4, max_positions=256).to(device=device, dtype=torch.bfloat16)
 
     # Wrap first, then build the optimizer over what was wrapped (accelerate: the other way round).
     if args.mode == "fsdp2":

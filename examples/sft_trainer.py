@@ -16,7 +16,8 @@ import argparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-from bcd.finetune import IGNORE_INDEX, format_prompt, load_instructions, tiny_llama, tokenize, train_tokenizer
+from bcd.finetune import IGNORE_INDEX, format_prompt, load_instructions, tokenize, train_tokenizer
+from bcd.presets import tiny_llama
 from bcd.integrations.transformers import attach, badam_from_training_args
 
 
@@ -35,7 +36,7 @@ def main() -> None:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16)
     else:
         tokenizer = train_tokenizer([format_prompt(e) + e["output"] for e in data])
-        model = tiny_llama(len(tokenizer)).to(torch.bfloat16)
+        model = tiny_llama(vocab_size=len(tokenizer), layers=4, hidden=128, dtype=torch.bfloat16)
     train_data = tokenize(data, tokenizer, max_length=256)
 
     training_args = TrainingArguments(

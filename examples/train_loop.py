@@ -15,9 +15,9 @@ import random
 import torch
 from rich.console import Console
 from rich.progress import Progress
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import bcd
+from bcd.presets import tiny_llama
 
 
 def sentences(count: int, seed: int) -> list[str]:
@@ -48,9 +48,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=args.layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = tiny_llama(layers=args.layers, max_positions=128, dtype=torch.bfloat16)
     optimizer = bcd.BAdam(model, lr=args.lr, switch_every=args.switch_every, seed=args.seed,
                           include_embedding=True, include_head=True)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.steps)

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+
+# Only bcd's own plugins load in the tests: an installed third-party plugin (examples/bcd-halves,
+# say) must not change what the suite sees. Set before bcd builds its registry.
+os.environ["BCD_LOAD_PLUGINS"] = ""
 
 import attrs
 import pytest
 import torch
 from torch import nn
+
+from bcd import presets
 
 VOCAB = 64
 
@@ -29,13 +36,8 @@ class MLP(nn.Module):
 
 
 def tiny_llama(layers: int = 2, hidden: int = 16) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
+    return presets.tiny_llama(vocab_size=VOCAB, hidden=hidden, layers=layers, heads=2, kv_heads=1,
+                              intermediate=2 * hidden, max_positions=64)
 
 
 def tiny_gpt2(layers: int = 2) -> nn.Module:

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from bcd.cli import main
-from bcd.finetune import IGNORE_INDEX, format_prompt, load_instructions, tiny_llama, tokenize, train_tokenizer
+from bcd.finetune import IGNORE_INDEX, format_prompt, load_instructions, tokenize, train_tokenizer
+from bcd.presets import tiny_llama
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -63,7 +64,7 @@ def test_finetune_with_a_local_model_directory_and_dataset(tmp_path, capsys):
     rows = [{"instruction": "Echo the word.", "input": w, "output": w} for w in ["alpha", "beta", "gamma", "delta"] * 5]
     dataset = write_jsonl(tmp_path / "data.jsonl", rows)
     tokenizer = train_tokenizer([format_prompt(r) + r["output"] for r in rows], vocab_size=280)
-    model = tiny_llama(len(tokenizer), layers=2, hidden=32)
+    model = tiny_llama(vocab_size=len(tokenizer), layers=2, hidden=32)
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)

@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 import bcd
-from bcd import plugins
 
 from conftest import CASES, MLP, train
 
@@ -145,25 +144,22 @@ def test_active_parameter_without_gradient_is_skipped():
     assert not torch.equal(model.experts[0].weight, unused)
 
 
-def test_block_switched_hook_sees_every_activation():
-    events = []
-
-    class Recorder:
-        @bcd.hookimpl
-        def block_switched(self, event):
-            events.append(event)
-
-    recorder = Recorder()
-    plugins.register(recorder)
-    try:
-        model, optimizer = mlp_optimizer(switch_every=2, order="ascending")
-        train(model, optimizer, CASES["mlp"], 4)
-    finally:
-        plugins.unregister(recorder)
-    assert [(e.reason, e.block.name, e.global_step) for e in events] == [
-        ("start", "embedding", 0), ("switch", "layers.0", 2), ("switch", "layers.1", 4)
+def test_block_switch_hooks_see_every_activation_until_removed():
+    model, optimizer = mlp_optimizer(switch_every=2, order="ascending")
+    events, other = [], []
+    handle = optimizer.register_block_switch_hook(lambda opt, event: events.append((opt, event)))
+    optimizer.register_block_switch_hook(lambda opt, event: other.append(event.block.name))
+    train(model, optimizer, CASES["mlp"], 4)
+    assert [(e.reason, e.block.name, e.global_step) for _, e in events] == [
+        ("switch", "layers.0", 2), ("switch", "layers.1", 4)
     ]
-    assert events[0].previous is None and events[1].previous.name == "embedding"
+    assert all(opt is optimizer for opt, _ in events)
+    assert events[0][1].previous.name == "embedding"
+    handle.remove()
+    train(model, optimizer, CASES["mlp"], 2, start=4)
+    assert len(events) == 2 and other == ["layers.0", "layers.1", "layers.2"]
+    optimizer.load_state_dict(optimizer.state_dict())
+    assert other[-1] == "layers.2" and len(other) == 4  # a resume is an activation too
 
 
 def test_excluded_parameters_stay_frozen():

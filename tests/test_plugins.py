@@ -78,8 +78,23 @@ def test_third_party_package_installed_is_found_by_name(tmp_path):
         "print([b.name for b in opt.blocks], [len(b.param_names) for b in opt.blocks])\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
-    assert result.stdout.splitlines() == ["bcd-halves 0.1.0", "['lower', 'upper'] [4, 4]"]
+    for allowed in (None, "bcd-halves", "bcd_halves, other"):
+        if allowed is None:
+            env.pop("BCD_LOAD_PLUGINS", None)
+        else:
+            env["BCD_LOAD_PLUGINS"] = allowed
+        result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+        assert result.stdout.splitlines() == ["bcd-halves 0.1.0", "['lower', 'upper'] [4, 4]"], allowed
+    # Restricted to none but bcd's own, the installed plugin is not loaded.
+    env["BCD_LOAD_PLUGINS"] = ""
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert result.returncode == 1 and "Unknown partitioner: 'halves'" in result.stderr
+    # The package's own tests, written with bcd.testing, pass against this bcd.
+    tests = ROOT / "examples" / "bcd-halves" / "tests"
+    env["BCD_LOAD_PLUGINS"] = "bcd-halves"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests)],
+                         env=env, capture_output=True, text=True, cwd=tests)
+    assert run.returncode == 0, run.stdout[-2000:]
 
 
 class EveryOther:
@@ -108,3 +123,38 @@ def test_in_process_partitioner_used_by_name():
         plugins.unregister(plugin)
     assert [b.name for b in optimizer.blocks] == ["even", "odd"]
     assert optimizer.blocks[0].param_names[:2] == ("inp.weight", "layers.0.weight")
+
+
+class Misspelt:
+    @bcd.hookimpl
+    def register_partitioner(self, register):  # the hook is register_partitioners
+        register("never", object)
+
+
+def test_a_misspelt_hook_is_refused_and_not_registered():
+    with pytest.raises(ValueError, match=r"Invalid plugin Misspelt \(in-process\): unknown hook 'register_partitioner'.*"
+                                         r"accepted hook names: register_orderings, register_partitioners, register_solvers"):
+        plugins.register(Misspelt())
+    assert not any(isinstance(p, Misspelt) for p in plugins.pm.get_plugins())
+
+
+@pytest.mark.parametrize("hook", ["register_partitioners", "register_orderings", "register_solvers"])
+def test_every_register_hook_adds_to_the_registry(hook):
+    kind = {"register_partitioners": "partitioner", "register_orderings": "ordering", "register_solvers": "solver"}[hook]
+    factory = object()
+
+    class Plugin:
+        pass
+
+    def implementation(self, register):
+        register("throwaway", lambda **options: factory)
+
+    setattr(Plugin, hook, bcd.hookimpl(implementation))
+    plugin = Plugin()
+    plugins.register(plugin)
+    try:
+        assert plugins.create(kind, "throwaway") is factory
+    finally:
+        plugins.unregister(plugin)
+    with pytest.raises(ValueError, match=f"Unknown {kind}: 'throwaway'"):
+        plugins.lookup(kind, "throwaway")

@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import bcd
+from bcd.presets import tiny_llama
 
 
 def run(rank: int, world: int, port: int, args: argparse.Namespace, results) -> None:
@@ -31,9 +31,7 @@ def run(rank: int, world: int, port: int, args: argparse.Namespace, results) -> 
     torch.set_num_threads(1)  # two ranks share this machine's cores
     for mode in ("ddp", "bcd"):
         torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=256, hidden_size=args.hidden, intermediate_size=int(2.75 * args.hidden),
-                             num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4)
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = tiny_llama(hidden=args.hidden, layers=args.layers, kv_heads=4).to(torch.bfloat16)
         total_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         if mode == "ddp":
             forward = trained = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)

@@ -68,21 +68,14 @@ def batches(steps: int, batch: int, seq: int, kind: str = "c4"):
 
 def build_model(size: str, dtype):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bcd.presets import tiny_llama
 
     hidden, layers, mlp = SIZES[size]
-    config = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
-                         num_attention_heads=max(2, hidden // 128), num_key_value_heads=max(2, hidden // 128),
-                         max_position_embeddings=1024)
+    heads = max(2, hidden // 128)
     torch.manual_seed(0)
-    # Build directly in the training dtype: building in fp32 and converting would double the peak.
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(default)
-    return model
+    return tiny_llama(hidden=hidden, layers=layers, intermediate=mlp, heads=heads, kv_heads=heads,
+                      max_positions=1024, dtype=dtype)
 
 
 def peak_rss() -> int:

@@ -23,19 +23,16 @@ from collections.abc import Callable
 import torch
 from rich.console import Console
 from rich.table import Table
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import bcd
+from bcd.presets import tiny_llama
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.75),
-        num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64),
-        num_key_value_heads=max(1, args.hidden // 64), max_position_embeddings=args.seq,
-    )
-    return LlamaForCausalLM(config).to(device=args.device, dtype=torch.bfloat16)
+    heads = max(1, args.hidden // 64)
+    return tiny_llama(vocab_size=args.vocab, hidden=args.hidden, layers=args.layers, heads=heads, kv_heads=heads,
+                      max_positions=args.seq).to(device=args.device, dtype=torch.bfloat16)
 
 
 def make_optimizer(method: str, model: torch.nn.Module, args: argparse.Namespace):

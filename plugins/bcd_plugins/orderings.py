@@ -1,9 +1,10 @@
 """Built-in orderings: ``ascending``, ``descending``, ``random`` and ``fixed``.
 
 ``order(num_blocks, epoch)`` is a pure function of the options and its arguments, so a resumed
-run recomputes exactly the order it was in. ``start_block`` rotates the first block-epoch so that
-it starts there; later block-epochs are unaffected (for ascending and descending, rotating the
-first one already fixes the cycle).
+run recomputes exactly the order it was in. For ``ascending`` and ``descending``, ``start_block``
+rotates every block-epoch, so the visits stay one cycle (``[2, 3, 0, 1]`` then ``[2, 3, 0, 1]``:
+no block is visited twice in a row at a block-epoch boundary); for ``random`` it rotates the
+first block-epoch only. Options are checked when the ordering is built.
 """
 
 from __future__ import annotations
@@ -14,8 +15,14 @@ import torch
 from bcd.hookspecs import hookimpl
 
 
+def _int_or_none(instance, attribute, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"Invalid {attribute.name}: {value!r}; accepted: an integer" +
+                         (" (a block index) or a block name." if attribute.name == "start_block" else "."))
+
+
 def _check_start(start_block: int, num_blocks: int) -> None:
-    if not isinstance(start_block, int) or not 0 <= start_block < num_blocks:
+    if isinstance(start_block, bool) or not isinstance(start_block, int) or not 0 <= start_block < num_blocks:
         raise ValueError(f"Invalid start_block: {start_block!r}; accepted: a block index 0 ... {num_blocks - 1} or a block name.")
 
 
@@ -28,26 +35,25 @@ def _rotated(order: list[int], start_block: int) -> list[int]:
 class Ascending:
     """Input to output: 0, 1, ..., D-1 every block-epoch."""
 
-    start_block: int = 0
+    start_block: int = attrs.field(default=0, validator=_int_or_none)
 
     def order(self, num_blocks: int, epoch: int) -> list[int]:
         _check_start(self.start_block, num_blocks)
-        order = list(range(num_blocks))
-        return _rotated(order, self.start_block) if epoch == 0 else order
+        return _rotated(list(range(num_blocks)), self.start_block)
 
 
 @attrs.frozen(kw_only=True)
 class Descending:
     """Output to input: D-1, ..., 0 every block-epoch (``start_block`` defaults to the last)."""
 
-    start_block: int | None = None
+    start_block: int | None = attrs.field(default=None, validator=_int_or_none)
 
     def order(self, num_blocks: int, epoch: int) -> list[int]:
         order = list(range(num_blocks - 1, -1, -1))
         if self.start_block is None:
             return order
         _check_start(self.start_block, num_blocks)
-        return _rotated(order, self.start_block) if epoch == 0 else order
+        return _rotated(order, self.start_block)
 
 
 @attrs.frozen(kw_only=True)
@@ -57,8 +63,8 @@ class Random:
     With ``start_block`` the first block-epoch's permutation is rotated to begin there.
     """
 
-    seed: int = 0
-    start_block: int | None = None
+    seed: int = attrs.field(default=0, validator=_int_or_none)
+    start_block: int | None = attrs.field(default=None, validator=_int_or_none)
 
     def order(self, num_blocks: int, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -73,7 +79,7 @@ class Random:
 class Fixed:
     """One block forever: ``start_block`` (default 0). A block-epoch is then one visit."""
 
-    start_block: int = 0
+    start_block: int = attrs.field(default=0, validator=_int_or_none)
 
     def order(self, num_blocks: int, epoch: int) -> list[int]:
         _check_start(self.start_block, num_blocks)

@@ -21,6 +21,16 @@ from bcd.hookspecs import hookimpl
 from bcd.layers import find_layer_stacks
 
 
+def _flag(instance, attribute, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {attribute.name}: {value!r}; accepted: True or False.")
+
+
+def _int(instance, attribute, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"Invalid {attribute.name}: {value!r}; accepted: an integer.")
+
+
 def _in_module(module_name: str, param_name: str) -> bool:
     return not module_name or param_name.startswith(module_name + ".")
 
@@ -44,8 +54,8 @@ class LayerPartitioner:
         include_head: train the head block; when False its parameters stay frozen.
     """
 
-    include_embedding: bool = True
-    include_head: bool = True
+    include_embedding: bool = attrs.field(default=True, validator=_flag)
+    include_head: bool = attrs.field(default=True, validator=_flag)
     dynamic = False
 
     def partition(self, model: nn.Module, params: Mapping[str, nn.Parameter], epoch: int) -> Partition:
@@ -100,8 +110,8 @@ class RandomSubsetPartitioner:
     """
 
     num_blocks: int
-    seed: int = 0
-    redraw: bool = False
+    seed: int = attrs.field(default=0, validator=_int)
+    redraw: bool = attrs.field(default=False, validator=_flag)
 
     def __attrs_post_init__(self) -> None:
         positive_int("num_blocks", self.num_blocks)
@@ -204,8 +214,17 @@ class ExplicitPartitioner:
             (``requires_grad=False``) before building the optimizer.
     """
 
-    blocks: Mapping[str, Sequence[str]] | Sequence[Sequence[str]]
+    blocks: Mapping[str, Sequence[str]] | Sequence[Sequence[str]] = attrs.field()
     dynamic = False
+
+    @blocks.validator
+    def _check_blocks(self, attribute, value) -> None:
+        groups = value.values() if isinstance(value, Mapping) else value
+        if isinstance(value, str) or not isinstance(value, (Mapping, Sequence)) or not all(
+                isinstance(g, str) or (isinstance(g, Sequence) and all(isinstance(p, str) for p in g)) for g in groups):
+            raise ValueError(
+                f"Invalid blocks: {value!r}; accepted: {{block name: [names or patterns]}} or a list of name lists."
+            )
 
     def partition(self, model: nn.Module, params: Mapping[str, nn.Parameter], epoch: int) -> Partition:
         if isinstance(self.blocks, Mapping):

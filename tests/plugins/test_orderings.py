@@ -14,9 +14,17 @@ def order(name, num_blocks, epoch, **options):
 def test_ascending_and_descending_with_start_block():
     assert order("ascending", 4, 0) == [0, 1, 2, 3]
     assert order("ascending", 4, 0, start_block=2) == [2, 3, 0, 1]
-    assert order("ascending", 4, 1, start_block=2) == [0, 1, 2, 3]
     assert order("descending", 4, 0) == [3, 2, 1, 0]
     assert order("descending", 4, 0, start_block=1) == [1, 0, 3, 2]
+
+
+@pytest.mark.parametrize("name", ["ascending", "descending"])
+def test_start_block_keeps_the_visits_one_cycle_across_block_epochs(name):
+    visits = [b for epoch in range(3) for b in order(name, 4, epoch, start_block=2)]
+    assert visits[:4] == order(name, 4, 1, start_block=2) == order(name, 4, 2, start_block=2)
+    assert all(a != b for a, b in zip(visits, visits[1:])), visits
+    cycle = visits[:4]
+    assert visits == cycle * 3 and sorted(cycle) == [0, 1, 2, 3]
 
 
 def test_random_reshuffles_every_block_epoch_reproducibly():

@@ -1,0 +1,222 @@
+"""Checking and resolving everything a :class:`bcd.BlockCoordinateOptimizer` is built from, before it changes anything.
+
+:func:`compose` turns the constructor's arguments (names with options, or objects) into a
+:class:`Composition`: the candidates, the partition, the schedule, the solver factory and its
+defaults, the outer groups. Every mistake is a ``ValueError`` naming the value received and what
+is accepted, raised while the model is still untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from bcd import checkpointing, contracts, distributed, plugins
+from bcd.blocks import Partition, trainable_parameters
+from bcd.checks import positive_int
+from bcd.groups import outer_groups
+from bcd.precision import needs_master
+from bcd.schedule import BlockSchedule
+
+
+# The optimizer that drives each model now: a newer one over the same model takes over.
+_owners: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
+
+
+def owner_of(model: Any) -> Any:
+    """The open optimizer that drives ``model`` now, or None."""
+    ref = _owners.get(model) if isinstance(model, nn.Module) else None
+    owner = ref() if ref is not None else None
+    return owner if owner is not None and owner._closed is None else None
+
+
+def claim(model: nn.Module, optimizer: Any) -> None:
+    """Record ``optimizer`` as the one driving ``model`` (held weakly)."""
+    _owners[model] = weakref.ref(optimizer)
+
+
+def check_unreplaced(model: nn.Module, candidates: Mapping[str, nn.Parameter], names: Sequence[str]) -> None:
+    """Refuse to go on when the model's parameters were replaced (``load_state_dict(assign=True)``, a wrapper).
+
+    Raises:
+        ValueError: naming the first replaced parameter and what to do instead.
+    """
+    for name in names:
+        if model.get_parameter(name) is not candidates[name]:
+            raise ValueError(
+                f"The model's parameters were replaced after the optimizer was built (e.g. {name!r}), by "
+                "model.load_state_dict(..., assign=True) or a wrapper such as fully_shard; nothing was updated. "
+                "Accepted: load weights in place (assign=False), or wrap the model first and build the optimizer "
+                "over the wrapped model."
+            )
+
+
+def refuse_copy(optimizer: Any, *args: Any) -> None:
+    """``copy``, ``deepcopy`` and ``pickle`` of an optimizer: refused, pointing to its state dict.
+
+    Raises:
+        TypeError: as pickle does for any object it cannot copy.
+    """
+    raise TypeError(
+        f"A {type(optimizer).__name__} cannot be pickled or copied: it drives one live model. Accepted: save "
+        "optimizer.state_dict() (with the model's), build a new optimizer over the model copy, load it there."
+    )
+
+
+class PrecisionNote(UserWarning):
+    """A note that the model's precision costs memory bcd could save."""
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside bcd (e.g. BAdam's caller)."""
+    package = os.path.dirname(__file__)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn_if_fp32(candidates: Mapping[str, nn.Parameter]) -> None:
+    """A :class:`PrecisionNote` when fp32 parameters are trained: a bf16 model needs about half the memory."""
+    if any(not needs_master(p) and p.is_floating_point() for p in candidates.values()):
+        warnings.warn(
+            "bcd: some trainable parameters are fp32 and are updated in place; a bf16 model "
+            "(model.to(torch.bfloat16)) keeps fp32 master copies for the active block only and "
+            "needs about half the memory.",
+            PrecisionNote,
+            stacklevel=caller_stacklevel(),
+        )
+
+
+def check_partition(partition: Any, name: str, candidates: Mapping[str, nn.Parameter], epoch: int,
+                    first: Partition | None = None) -> Partition:
+    """A partitioner's result, refused unless it is a :class:`bcd.Partition` of candidates.
+
+    After block-epoch 0 (``first`` given) it must cover the same parameters in as many blocks.
+
+    Raises:
+        ValueError: naming the partitioner and what is wrong.
+    """
+    if not isinstance(partition, Partition):
+        raise ValueError(f"Invalid partition from partitioner {name!r}: {type(partition).__name__}; accepted: a bcd.Partition.")
+    unknown = [n for n in partition.param_names if n not in candidates]
+    if unknown:
+        raise ValueError(
+            f"Invalid partition from partitioner {name!r}: {unknown[:5]} are not trainable parameters of the model; "
+            "a block may only hold parameters that require grad."
+        )
+    if first is not None and epoch > 0 and (
+            set(partition.param_names) != set(first.param_names) or len(partition) != len(first)):
+        raise ValueError(
+            f"Invalid partition from partitioner {name!r} at block-epoch {epoch}: {len(partition)} blocks over other "
+            f"parameters than block-epoch 0's {len(first)}; a dynamic partitioner may regroup, not add, drop or recount."
+        )
+    return partition
+
+
+@attrs.frozen(kw_only=True)
+class Composition:
+    """The checked pieces an optimizer is wired from."""
+
+    candidates: dict[str, nn.Parameter]
+    partitioner: contracts.Partitioner
+    partitioner_name: str
+    partition: Partition
+    ordering_name: str
+    schedule: BlockSchedule
+    solver_factory: Callable[..., torch.optim.Optimizer]
+    solver_name: str
+    solver_options: dict[str, Any]
+    defaults: dict[str, Any]
+    groups: list[tuple[dict[str, Any], list[str]]]
+    awaiting_wrapper: bool
+
+
+def _flag(label: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {label}: {value!r}; accepted: True or False.")
+    return value
+
+
+def _options(label: str, value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"Invalid {label}: {value!r}; accepted: a dict of keyword options, or None.")
+    return dict(value)
+
+
+def _refuse_sparse(model: nn.Module, candidates: Mapping[str, nn.Parameter]) -> None:
+    for name, module in model.named_modules():
+        if getattr(module, "sparse", False) and any(p is candidates.get(f"{name}.{n}") for n, p in module.named_parameters()):
+            raise ValueError(
+                f"Unsupported parameter: {name or type(module).__name__} ({type(module).__name__}) has sparse=True, "
+                "so its gradient is sparse and the inner solvers cannot step it. Accepted: sparse=False, or freeze it "
+                "(requires_grad=False) before building the optimizer."
+            )
+
+
+def compose(model: Any, candidates: dict[str, nn.Parameter] | None, *, lr: Any, switch_every: Any, partitioner: Any,
+            partitioner_options: Any, order: Any, order_options: Any, solver: Any, solver_options: Any,
+            no_decay: Any, groups: Any, data_parallel: Any) -> Composition:
+    """Check and resolve the constructor's arguments; see :class:`bcd.BlockCoordinateOptimizer`.
+
+    Args:
+        candidates: the parameters to train, when a previous optimizer over the model knew them
+            (its blocks are frozen now); None reads them from ``requires_grad``.
+
+    Raises:
+        ValueError: any invalid argument; nothing has been changed.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"Invalid model: {type(model).__name__}; accepted: a torch.nn.Module.")
+    distributed.check_supported(model)
+    positive_int("switch_every", switch_every)
+    _flag("no_decay", no_decay)
+    _flag("data_parallel", data_parallel)
+    solver_options = _options("solver_options", solver_options)
+    if lr is not None:
+        if "lr" in solver_options:
+            raise ValueError(f"lr given twice: lr={lr!r} and solver_options['lr']={solver_options['lr']!r}; give one.")
+        solver_options["lr"] = lr
+    if "lr" in solver_options and not (
+            isinstance(solver_options["lr"], (int, float)) and not isinstance(solver_options["lr"], bool)
+            and solver_options["lr"] >= 0):
+        raise ValueError(f"Invalid lr: {solver_options['lr']!r}; accepted: a number >= 0.")
+    candidates = dict(candidates) if candidates is not None else trainable_parameters(model)
+    _refuse_sparse(model, candidates)
+
+    partitioner_obj, partitioner_name = contracts.resolve("partitioner", partitioner, partitioner_options)
+    partition = check_partition(partitioner_obj.partition(model, candidates, 0), partitioner_name, candidates, 0)
+    order_options = _options("order_options", order_options)
+    if isinstance(order_options.get("start_block"), str):
+        order_options["start_block"] = partition.index(order_options["start_block"])
+    ordering, ordering_name = contracts.resolve("ordering", order, order_options or None)
+    schedule = BlockSchedule(ordering=ordering, num_blocks=len(partition), switch_every=switch_every)
+
+    factory, solver_name = contracts.resolve_solver(solver)
+    try:
+        probe = plugins.call(factory, solver_options, [torch.zeros(1)], label=f"solver {solver_name!r}")
+    except RuntimeError as error:  # torch's own refusals, e.g. foreach and fused both True
+        raise ValueError(f"Invalid options for solver {solver_name!r}: {solver_options!r}: {error}") from error
+    if not isinstance(probe, torch.optim.Optimizer):
+        raise ValueError(
+            f"Invalid solver {solver_name!r}: its factory returned {type(probe).__name__}; accepted: a torch.optim.Optimizer."
+        )
+    defaults = dict(probe.defaults)
+    built_groups = outer_groups(candidates, partition.param_names, no_decay, groups, defaults)
+    checkpointing.check(model)
+    return Composition(
+        candidates=candidates, partitioner=partitioner_obj, partitioner_name=partitioner_name, partition=partition,
+        ordering_name=ordering_name, schedule=schedule, solver_factory=factory, solver_name=solver_name,
+        solver_options=solver_options, defaults=defaults, groups=built_groups,
+        awaiting_wrapper=distributed.expects_wrapper(model, data_parallel),
+    )

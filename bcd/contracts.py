@@ -1,0 +1,126 @@
+"""What a partitioner, an ordering and a solver factory must be, checked when an optimizer is built.
+
+The optimizer takes each piece as a registered **name** (with an options dict) or as an
+**object**: a partitioner object, an ordering object, a solver factory such as
+``functools.partial(torch.optim.AdamW, betas=(0.9, 0.95))``. Either way :func:`resolve` returns
+the object, checked against its :class:`typing.Protocol`, and the name the state dict records (the
+registered name when the object's class or factory is registered, so the two spellings save the
+same state dict).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import attrs
+import torch
+from torch import nn
+
+from bcd import plugins
+from bcd.blocks import Partition
+
+
+@runtime_checkable
+class Partitioner(Protocol):
+    """Splits a model's candidate parameters into blocks.
+
+    Attributes:
+        dynamic: asked again at every block-epoch (True) or once (False). A dynamic partitioner
+            may regroup the same parameters into the same number of blocks, nothing else.
+    """
+
+    dynamic: bool
+
+    def partition(self, model: nn.Module, params: Mapping[str, nn.Parameter], epoch: int) -> Partition:
+        """The partition of ``params`` (candidates by qualified name, model order) for block-epoch ``epoch``."""
+
+
+@runtime_checkable
+class Ordering(Protocol):
+    """Orders the visits of a block-epoch."""
+
+    def order(self, num_blocks: int, epoch: int) -> Sequence[int]:
+        """The block indices to visit in block-epoch ``epoch``: a pure function of the options and arguments."""
+
+
+SolverFactory = Callable[..., torch.optim.Optimizer]
+
+_REQUIRED = {"partitioner": ("partition", "dynamic"), "ordering": ("order",)}
+
+
+def check(kind: str, obj: Any) -> None:
+    """Refuse an object that lacks what its kind's Protocol requires.
+
+    Raises:
+        ValueError: naming the object's type and each missing member.
+    """
+    missing = [m for m in _REQUIRED[kind] if not hasattr(obj, m)]
+    missing += [m for m in _REQUIRED[kind] if m != "dynamic" and hasattr(obj, m) and not callable(getattr(obj, m))]
+    if missing:
+        raise ValueError(
+            f"Invalid {kind}: {type(obj).__name__} object has no {', '.join(missing)}; accepted: a registered "
+            f"{kind} name or an object with {', '.join(_REQUIRED[kind])} (bcd.contracts.{kind.capitalize()})."
+        )
+    if kind == "partitioner" and not isinstance(obj.dynamic, bool):
+        raise ValueError(f"Invalid partitioner: {type(obj).__name__}.dynamic is {obj.dynamic!r}; accepted: True or False.")
+
+
+def options_of(obj: Any) -> dict[str, Any] | None:
+    """The options an attrs-built plugin object was made with (plain data), else None."""
+    if attrs.has(type(obj)):
+        return attrs.asdict(obj, recurse=True, value_serializer=lambda _, __, v: list(v) if isinstance(v, tuple) else v)
+    return None
+
+
+def _registered_name(kind: str, factory: Any) -> str | None:
+    for registration in plugins.registry()[kind].values():
+        if registration.factory is factory:
+            return registration.name
+    return None
+
+
+def resolve(kind: str, spec: Any, options: Mapping[str, Any] | None) -> tuple[Any, str]:
+    """A partitioner or ordering from a registered name and options, or an object given as is.
+
+    Returns:
+        ``(object, name)``; the name is the registered one, or the class's qualified name.
+
+    Raises:
+        ValueError: unknown name, bad options, options given with an object, or an object that
+            breaks the Protocol.
+    """
+    if isinstance(spec, str):
+        if options is not None and not isinstance(options, Mapping):
+            raise ValueError(f"Invalid {kind}_options: {options!r}; accepted: a dict of keyword options.")
+        obj = plugins.create(kind, spec, dict(options or {}))
+        name = spec
+    else:
+        if options:
+            raise ValueError(
+                f"Invalid {kind} options {dict(options)!r} with a {kind} object; accepted: options only with a "
+                f"registered name (build the object with its options instead)."
+            )
+        obj = spec
+        name = _registered_name(kind, type(obj)) or type(obj).__qualname__
+    check(kind, obj)
+    return obj, name
+
+
+def resolve_solver(spec: str | SolverFactory) -> tuple[SolverFactory, str]:
+    """A solver factory from a registered name, or a callable given as is (a class or a ``functools.partial``).
+
+    Raises:
+        ValueError: unknown name, or neither a name nor a callable.
+    """
+    if isinstance(spec, str):
+        return plugins.lookup("solver", spec).factory, spec
+    if not callable(spec):
+        raise ValueError(
+            f"Invalid solver: {spec!r}; accepted: a registered solver name or a callable factory(params, **options) "
+            "returning a torch.optim.Optimizer, e.g. functools.partial(torch.optim.AdamW, betas=(0.9, 0.95))."
+        )
+    base = spec.func if isinstance(spec, functools.partial) and not spec.args else spec
+    name = _registered_name("solver", base) or getattr(base, "__qualname__", type(base).__name__)
+    return spec, name

@@ -1,0 +1,183 @@
+"""Checking a saved optimizer state against a live optimizer, completely, before anything changes.
+
+:func:`check` reads a state dict made by :meth:`bcd.BlockCoordinateOptimizer.state_dict` and
+returns a :class:`Restore`: a plan holding everything ``load_state_dict`` will write. Structure,
+types, ranges, the schedule, the partition, the parameter groups and their hyperparameters, the
+master copies (shape and dtype against the active block) and the solver state (loaded into a
+throwaway solver over meta-device tensors of the active block's shapes, which allocates nothing)
+are all checked first, so a refused dict leaves model and optimizer bit-identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import torch
+
+from bcd.blocks import Partition
+from bcd.contracts import options_of
+from bcd.groups import check_hyperparameters
+from bcd.precision import needs_master
+from bcd.schedule import BlockSchedule
+
+if TYPE_CHECKING:
+    from bcd.optimizer import BlockCoordinateOptimizer
+
+STATE_FORMAT = "bcd.BlockCoordinateOptimizer/1"
+KEYS = ("switch_every", "partitioner", "ordering", "solver", "partition", "schedule", "param_groups",
+        "solver_state", "master_copies")
+
+
+@attrs.frozen(kw_only=True)
+class Restore:
+    """What a checked state dict restores."""
+
+    schedule: BlockSchedule
+    partition: Partition
+    group_hyperparameters: tuple[dict[str, Any], ...]
+    solver_state: dict[str, Any] | None
+    master_copies: dict[str, torch.Tensor]
+
+
+def _fail(message: str) -> None:
+    raise ValueError(f"Invalid state dict: {message}")
+
+
+def solver_groups(
+    param_groups: Sequence[Mapping[str, Any]], group_names: Sequence[Sequence[str]], tensors: Mapping[str, torch.Tensor]
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """The inner solver's groups over ``tensors`` (the active block's, by name) and their outer group indices."""
+    groups, indices = [], []
+    for index, (group, names) in enumerate(zip(param_groups, group_names)):
+        members = [tensors[n] for n in names if n in tensors]
+        if members:
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": members})
+            indices.append(index)
+    return groups, indices
+
+
+def _check_masters(saved: Any, expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if not isinstance(saved, Mapping) or set(saved) != set(expected):
+        got = sorted(saved)[:4] if isinstance(saved, Mapping) else type(saved).__name__
+        _fail(
+            f"master_copies hold {got!r}, the active block's low-precision parameters are {sorted(expected)[:4]!r}; "
+            "it was saved for another block, or with another model dtype."
+        )
+    for name, param in expected.items():
+        master = saved[name]
+        if not isinstance(master, torch.Tensor) or master.dtype != torch.float32 or tuple(master.shape) != tuple(param.shape):
+            got = f"{master.dtype} {tuple(master.shape)}" if isinstance(master, torch.Tensor) else repr(master)
+            _fail(f"master_copies[{name!r}] is {got}; accepted: torch.float32 {tuple(param.shape)}.")
+    return dict(saved)
+
+
+def _check_solver_state(saved: Any, optimizer: BlockCoordinateOptimizer, groups: list[dict[str, Any]],
+                        block_names: Sequence[str]) -> dict[str, Any]:
+    if not isinstance(saved, Mapping) or not isinstance(saved.get("state"), Mapping) or "param_groups" not in saved:
+        _fail(f"solver_state is {type(saved).__name__} without 'state' and 'param_groups'; accepted: a solver state_dict().")
+    meta = {n: torch.empty(optimizer._candidates[n].shape, device="meta") for n in block_names}
+    probe_groups, _ = solver_groups(groups, optimizer._group_names, meta)
+    params = [p for g in probe_groups for p in g["params"]]
+    for key, entry in saved["state"].items():
+        if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < len(params) or not isinstance(entry, Mapping):
+            _fail(f"solver_state['state'] has entry {key!r}; accepted: parameter indices 0 ... {len(params) - 1} with dicts.")
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.numel() > 1 and tuple(value.shape) != tuple(params[key].shape):
+                _fail(
+                    f"solver_state['state'][{key}][{name!r}] has shape {tuple(value.shape)}; accepted: "
+                    f"{tuple(params[key].shape)}, the shape of that parameter of the active block."
+                )
+            if isinstance(value, torch.Tensor) and not value.is_floating_point():
+                _fail(f"solver_state['state'][{key}][{name!r}] has dtype {value.dtype}; accepted: a floating-point tensor.")
+    try:
+        # A solver over meta tensors allocates nothing; loading into it runs torch's own checks.
+        probe = optimizer.composition.solver_factory(probe_groups, **optimizer.composition.solver_options)
+    except (ValueError, TypeError, RuntimeError):
+        probe = None  # e.g. fused=True accepts no meta tensors: the checks above stand alone
+    try:
+        if probe is not None:
+            probe.load_state_dict(saved)
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as error:
+        _fail(f"solver_state does not fit the active block's solver: {error}")
+    return dict(saved)
+
+
+def save(optimizer: BlockCoordinateOptimizer) -> dict[str, Any]:
+    """The state dict of ``optimizer``: plain data and tensors, parameters by qualified name."""
+    return {
+        "format": STATE_FORMAT,
+        "partition": optimizer.partition.fingerprint(),
+        "switch_every": optimizer.switch_every,
+        "partitioner": optimizer.composition.partitioner_name,
+        "partitioner_options": options_of(optimizer.composition.partitioner),
+        "ordering": optimizer.composition.ordering_name,
+        "solver": optimizer.composition.solver_name,
+        "schedule": {**optimizer.schedule.state_dict(), "active_block": optimizer.schedule.active},
+        "param_groups": [
+            {**{k: v for k, v in group.items() if k != "params"}, "params": list(names)}
+            for group, names in zip(optimizer.param_groups, optimizer._group_names)
+        ],
+        # None and {} before the visit's first step: nothing to restore but the position.
+        "solver_state": optimizer.solver.state_dict() if optimizer.solver is not None else None,
+        "master_copies": optimizer.master_copies.state_dict() if optimizer.master_copies is not None else {},
+    }
+
+
+def check(saved: Any, optimizer: BlockCoordinateOptimizer) -> Restore:
+    """Check ``saved`` completely against ``optimizer``; return what loading it restores.
+
+    Raises:
+        ValueError: naming the key, the value received and what is accepted.
+    """
+    if not isinstance(saved, Mapping) or saved.get("format") != STATE_FORMAT:
+        got = saved.get("format") if isinstance(saved, Mapping) else type(saved).__name__
+        _fail(f"format {got!r}; accepted: {STATE_FORMAT!r} from BlockCoordinateOptimizer.state_dict().")
+    missing = [k for k in KEYS if k not in saved]
+    if missing:
+        _fail(f"it has no {missing[0]!r}; accepted: a dict with {list(KEYS)}.")
+    for key, mine in (("switch_every", optimizer.switch_every), ("partitioner", optimizer.composition.partitioner_name),
+                      ("ordering", optimizer.composition.ordering_name), ("solver", optimizer.composition.solver_name)):
+        if saved[key] != mine:
+            _fail(f"saved with {key}={saved[key]!r}, this optimizer has {mine!r}.")
+    epoch = saved["schedule"].get("block_epoch") if isinstance(saved["schedule"], Mapping) else None
+    if optimizer.composition.partitioner.dynamic and isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0:
+        partition = optimizer._make_partition(epoch)
+    else:  # a bad epoch is refused by the schedule below
+        partition = optimizer.partition
+    fingerprint = saved["partition"]
+    if not isinstance(fingerprint, list) or [list(b) for b in fingerprint if isinstance(b, (list, tuple))] != partition.fingerprint():
+        shown = [b[0] for b in fingerprint if isinstance(b, (list, tuple)) and b][:6] if isinstance(fingerprint, list) else fingerprint
+        _fail(
+            f"it was saved for another partition (block or parameter names differ); saved blocks {shown!r}..., "
+            f"this optimizer's {[b.name for b in partition][:6]}...."
+        )
+    mine = options_of(optimizer.composition.partitioner)
+    if saved.get("partitioner_options") is not None and saved["partitioner_options"] != mine:
+        _fail(f"it was saved for another partition: partitioner options {saved['partitioner_options']!r}, this optimizer's are {mine!r}.")
+    schedule = attrs.evolve(optimizer.schedule, num_blocks=len(partition)).load(saved["schedule"])
+    groups = saved["param_groups"]
+    if (not isinstance(groups, list) or not all(isinstance(g, Mapping) and "params" in g for g in groups)
+            or [list(g["params"]) for g in groups] != optimizer._group_names):
+        count = len(groups) if isinstance(groups, list) else type(groups).__name__
+        _fail(
+            f"{count} parameter group(s) with other members than this optimizer's {len(optimizer._group_names)}; "
+            "build the optimizer with the same groups/no_decay."
+        )
+    hyper = []
+    for index, group in enumerate(groups):
+        values = {k: v for k, v in group.items() if k != "params"}
+        check_hyperparameters(f"state dict: param_groups[{index}]",
+                              {k: v for k, v in values.items() if k in optimizer.defaults}, optimizer.defaults)
+        hyper.append(values)
+    block = partition[schedule.active]
+    solver_state, masters = saved["solver_state"], {}
+    if solver_state is not None:
+        solver_state = _check_solver_state(solver_state, optimizer, groups, block.param_names)
+        expected = {n: optimizer._candidates[n] for n in block.param_names if needs_master(optimizer._candidates[n])}
+        masters = _check_masters(saved["master_copies"], expected)
+    elif saved["master_copies"]:
+        _fail("master_copies are given but solver_state is None; accepted: both or neither (before a visit's first step).")
+    return Restore(schedule=schedule, partition=partition, group_hyperparameters=tuple(hyper),
+                   solver_state=solver_state, master_copies=masters)

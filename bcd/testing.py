@@ -1,0 +1,131 @@
+"""Conformance checks for plugin authors: call them from your own tests on your partitioner or ordering.
+
+Each check raises ``AssertionError`` with what broke. They are the checks bcd's own test suite
+runs over every registered plugin::
+
+    from bcd import testing
+
+    def test_my_partitioner():
+        testing.check_partitioner(MyPartitioner(), build_tiny_model())
+
+    def test_my_ordering():
+        testing.check_ordering(MyOrdering(seed=3), num_blocks=5)
+
+    def test_trains_like_bcd_says():
+        testing.check_invariants(model, bcd.BlockCoordinateOptimizer(model, partitioner=MyPartitioner()), loss_fn)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from bcd.blocks import Partition, trainable_parameters
+from bcd.contracts import check
+from bcd.optimizer import BlockCoordinateOptimizer
+
+
+def check_partitioner(partitioner: object, model: nn.Module, epochs: int = 3) -> list[Partition]:
+    """A partitioner honours its contract on ``model``; returns its partitions for ``epochs`` block-epochs.
+
+    Checked: the Protocol (``partition``, ``dynamic``); a :class:`bcd.Partition` of candidate
+    names only (disjoint and non-empty blocks, which ``Partition`` itself enforces); the same
+    result when asked twice (a pure function); a static partitioner's result does not depend on
+    the block-epoch; a dynamic one's covers the same parameters in as many blocks every time;
+    and it does not read or change ``requires_grad``.
+    """
+    check("partitioner", partitioner)
+    params = trainable_parameters(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    partitions = []
+    for epoch in range(epochs):
+        first = partitioner.partition(model, params, epoch)
+        assert isinstance(first, Partition), f"block-epoch {epoch}: got {type(first).__name__}, not a bcd.Partition"
+        unknown = set(first.param_names) - set(params)
+        assert not unknown, f"block-epoch {epoch}: not candidates: {sorted(unknown)[:5]}"
+        again = partitioner.partition(model, params, epoch)
+        assert again.fingerprint() == first.fingerprint(), f"block-epoch {epoch}: not a pure function of its inputs"
+        if partitions:
+            base = partitions[0]
+            if not partitioner.dynamic:
+                assert first.fingerprint() == base.fingerprint(), f"static, yet block-epoch {epoch} differs from 0"
+            assert set(first.param_names) == set(base.param_names) and len(first) == len(base), (
+                f"block-epoch {epoch}: covers other parameters or another number of blocks than block-epoch 0"
+            )
+        partitions.append(first)
+    for name, param in model.named_parameters():
+        assert param.requires_grad == flags[name], f"the partitioner changed requires_grad of {name}"
+    # Any one of them must be frozen and the partition asked again: it must not read requires_grad.
+    victim = next(iter(params.values()))
+    victim.requires_grad_(False)
+    try:
+        assert partitioner.partition(model, params, 0).fingerprint() == partitions[0].fingerprint(), (
+            "the partition changed when a candidate was frozen: it must not read requires_grad"
+        )
+    finally:
+        victim.requires_grad_(True)
+    return partitions
+
+
+def check_ordering(ordering: object, num_blocks: int, epochs: int = 4) -> list[list[int]]:
+    """An ordering honours its contract for ``num_blocks`` blocks; returns its orders for ``epochs`` block-epochs.
+
+    Checked: the Protocol (``order``); every order non-empty with indices in ``0 ... num_blocks - 1``;
+    the same order when asked twice (what exact resume relies on).
+    """
+    check("ordering", ordering)
+    orders = []
+    for epoch in range(epochs):
+        order = [int(i) for i in ordering.order(num_blocks, epoch)]
+        assert order, f"block-epoch {epoch}: empty order"
+        assert all(0 <= i < num_blocks for i in order), f"block-epoch {epoch}: {order} has indices outside 0 ... {num_blocks - 1}"
+        assert [int(i) for i in ordering.order(num_blocks, epoch)] == order, f"block-epoch {epoch}: not a pure function"
+        orders.append(order)
+    return orders
+
+
+def check_invariants(
+    model: nn.Module,
+    optimizer: BlockCoordinateOptimizer,
+    loss: Callable[[nn.Module, int], torch.Tensor],
+    steps: int | None = None,
+) -> None:
+    """Train ``steps`` steps and check bcd's invariants at each (by default three block-epochs' worth).
+
+    Checked at every step: only the active block requires grad and receives a gradient; only
+    its parameters change, and they do; inactive parameters are bit-identical; the solver and
+    the master copies exist for the active block only, and not yet right after a switch.
+
+    Args:
+        model: the model the optimizer was built over.
+        optimizer: the optimizer, before its first step.
+        loss: ``loss(model, step)`` returns a scalar loss for that step's batch.
+        steps: how many steps; default ``3 * K * D``.
+    """
+    params = dict(model.named_parameters())
+    steps = steps if steps is not None else 3 * optimizer.switch_every * len(optimizer.blocks)
+    previous_block, previous_solver = None, None
+    for step in range(steps):
+        active = set(optimizer.active_block.param_names)
+        for name, param in params.items():
+            assert param.requires_grad == (name in active), f"step {step}: {name} requires_grad={param.requires_grad}"
+        if optimizer.active_block != previous_block:
+            assert optimizer.solver is None and optimizer.master_copies is None, f"step {step}: state kept across a switch"
+        if optimizer.solver is not None:
+            assert optimizer.solver is previous_solver, f"step {step}: the solver was rebuilt within a visit"
+            solver_params = {id(t) for t in optimizer.master_copies.solver_params}
+            assert all(id(t) in solver_params for t in optimizer.solver.state), f"step {step}: state outside the block"
+            assert {id(p) for p in optimizer.master_copies.params} == {id(params[n]) for n in active}
+        previous_block = optimizer.active_block
+        before = {n: p.detach().clone() for n, p in params.items()}
+        loss(model, step).backward()
+        for name, param in params.items():
+            assert param.grad is None or name in active, f"step {step}: frozen {name} has a gradient"
+        optimizer.step()
+        optimizer.zero_grad()
+        previous_solver = optimizer.solver
+        changed = {n for n, p in params.items() if not torch.equal(p, before[n])}
+        assert changed <= active, f"step {step}: inactive parameters changed: {sorted(changed - active)[:5]}"
+        assert changed, f"step {step}: the active block {optimizer.active_block.name} did not move"
