@@ -17,6 +17,7 @@ runs over every registered plugin::
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 
 import torch
@@ -25,6 +26,13 @@ from torch import nn
 from bcd.blocks import Partition, trainable_parameters
 from bcd.contracts import check
 from bcd.optimizer import BlockCoordinateOptimizer
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for ``MASTER_PORT`` in a multi-rank test."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def check_partitioner(partitioner: object, model: nn.Module, epochs: int = 3) -> list[Partition]:

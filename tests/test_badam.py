@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import bcd
+from bcd import testing
 
 from conftest import CASES, train
 
@@ -37,9 +38,11 @@ def test_badam_defaults_are_the_documented_ones():
 
 
 def test_badam_trains_models_whose_layers_are_not_called_layers():
-    for name in ("gpt2", "bert"):
+    for name, layers in (("gpt2", ["transformer.h.0", "transformer.h.1"]), ("bert", ["bert.encoder.layer.0", "bert.encoder.layer.1"])):
         case = CASES[name]
         model = case.model()
         optimizer = bcd.BAdam(model, lr=1e-2, switch_every=1, order="ascending")
-        losses = train(model, optimizer, case, 4)
-        assert len(losses) == 4 and optimizer.block_epoch == 2
+        assert [b.name for b in optimizer.blocks] == layers
+        # Every step moves the active layer and nothing else, two block-epochs long.
+        testing.check_invariants(model, optimizer, case.loss, steps=4)
+        assert optimizer.block_epoch == 2

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from typing import Any
 
@@ -15,16 +14,11 @@ from torch import nn
 
 import bcd
 from bcd import distributed, memory
+from bcd.testing import free_port
 
 from conftest import tiny_llama
 
 K, STEPS, BATCH = 2, 16, 4  # D = 4 blocks (embedding, 2 layers, head): STEPS = two block-epochs
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::bcd.PrecisionNote")

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import statistics
 import time
 
 import torch
@@ -22,6 +20,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import bcd
+from bcd.testing import free_port
+from benchlib import ms, spread
 from bcd.presets import tiny_llama
 
 
@@ -63,7 +63,7 @@ def run(rank: int, world: int, port: int, args: argparse.Namespace, results) -> 
         dist.all_reduce = original
         per_step = sent[0] / steps if mode == "bcd" else total_bytes  # DDP reduces whole buckets
         if rank == 0:
-            results[mode] = (statistics.median(times), min(times), max(times), per_step, total_bytes)
+            results[mode] = {**spread(times), "per_step": per_step, "total_bytes": total_bytes}
     dist.destroy_process_group()
 
 
@@ -74,17 +74,14 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=3, help="K (default 3)")
     parser.add_argument("--seq", type=int, default=128, help="sequence length (default 128)")
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     results = mp.Manager().dict()
     mp.spawn(run, args=(2, port, args, results), nprocs=2, join=True)
     ddp, native = results["ddp"], results["bcd"]
-    print(f"2 ranks, bf16 Llama hidden {args.hidden} x {args.layers} layers ({ddp[4] / 1e6:.1f} MB of weights), K = {args.k}")
+    print(f"2 ranks, bf16 Llama hidden {args.hidden} x {args.layers} layers ({ddp['total_bytes'] / 1e6:.1f} MB of weights), K = {args.k}")
     for name, r in (("DDP(find_unused_parameters=True)", ddp), ("bcd data_parallel=True", native)):
-        print(f"  {name:34s} step {1e3 * r[0]:7.1f} ms [{1e3 * r[1]:.1f}-{1e3 * r[2]:.1f}]   "
-              f"all-reduce per step per rank {r[3] / 1e6:7.2f} MB")
-    print(f"  ratios bcd / DDP: step time {native[0] / ddp[0]:.2f}x, bytes all-reduced {native[3] / ddp[3]:.3f}x")
+        print(f"  {name:34s} step {ms(r)} ms   all-reduce per step per rank {r['per_step'] / 1e6:7.2f} MB")
+    print(f"  ratios bcd / DDP: step time {native['median'] / ddp['median']:.2f}x, bytes all-reduced {native['per_step'] / ddp['per_step']:.3f}x")
 
 
 if __name__ == "__main__":

@@ -22,13 +22,13 @@ import argparse
 import contextlib
 import io
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchlib import environment, markdown_table, merge_spreads, ms, peak_rss, spread
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_C4 = ROOT.parent / "shared" / "data" / "c4_300.jsonl"
@@ -76,15 +76,6 @@ def build_model(size: str, dtype):
     torch.manual_seed(0)
     return tiny_llama(hidden=hidden, layers=layers, intermediate=mlp, heads=heads, kv_heads=heads,
                       max_positions=1024, dtype=dtype)
-
-
-def peak_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def worker(method: str, size: str, steps: int, warmup: int, batch: int, seq: int, result: str,
@@ -164,7 +155,7 @@ def worker(method: str, size: str, steps: int, warmup: int, batch: int, seq: int
                 times[key].append(value)
     if save:
         torch.save(model.state_dict(), save)
-    stats = {k: {"median": statistics.median(v), "min": min(v), "max": max(v)} for k, v in times.items()}
+    stats = {k: spread(v) for k, v in times.items()}
     Path(result).write_text(json.dumps({
         "method": method, "size": size, "params": sum(p.numel() for p in model.parameters()),
         "times": stats, "peak_rss": peak_rss(), "optimizer_state_bytes": state_bytes,
@@ -211,22 +202,6 @@ def run_child(method: str, size: str, args, result: Path, cap: int | None = None
     return data if cap is None or data["peak_rss"] <= cap else None
 
 
-def environment(args) -> dict:
-    import torch
-    import transformers
-
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
-    for package in ("badam", "peft", "lomo_optim", "galore_torch"):
-        try:
-            from importlib.metadata import version
-
-            versions[package] = version(package.replace("_", "-"))
-        except Exception:
-            versions[package] = None
-    return {"machine": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-            "versions": versions, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
-
-
 def compare(args, methods: list[str], out: Path) -> dict:
     """Every method on every size, ``--rounds`` times round-robin so that machine noise hits all alike."""
     rows = []
@@ -242,12 +217,7 @@ def compare(args, methods: list[str], out: Path) -> dict:
             if not done:
                 continue
             merged = dict(done[0])
-            merged["times"] = {
-                key: {"median": statistics.median(d["times"][key]["median"] for d in done),
-                      "min": min(d["times"][key]["min"] for d in done),
-                      "max": max(d["times"][key]["max"] for d in done)}
-                for key in done[0]["times"]
-            }
+            merged["times"] = {key: merge_spreads([d["times"][key] for d in done]) for key in done[0]["times"]}
             merged["peak_rss"] = max(d["peak_rss"] for d in done)
             merged["rounds"] = len(done)
             rows.append(merged)
@@ -287,32 +257,32 @@ def probe(args, methods: list[str], out: Path, cap: int) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"Machine: {report['environment']['machine']}, {report['environment']['cpus']} CPUs; "
-             f"command: `{report['environment']['command']}`", ""]
+    lines = [f"Machine: {report['environment']['machine']}, {report['environment']['processor']}, "
+             f"{report['environment']['cpus']} CPUs; command: `{report['environment']['command']}`", ""]
     runs = report.get("runs", [])
     for size in dict.fromkeys(r["size"] for r in runs):
         group = [r for r in runs if r["size"] == size]
         base = next((r for r in group if r["method"] == "adamw"), None)
         ref = next((r for r in group if r["method"] == "badam"), None)
-        lines += [f"### {size} ({group[0]['params'] / 1e6:.1f}M parameters)", "",
-                  "| method | step ms (median [min-max]) | forward | backward | update | step / AdamW | step / badam "
-                  "| peak RSS | optimizer state | loss after |", "|" + "---|" * 10]
+        rows = []
         for r in group:
             t = r["times"]
             step = t["step"]["median"]
-            cells = [r["method"], f"{1e3 * step:.1f} [{1e3 * t['step']['min']:.1f}-{1e3 * t['step']['max']:.1f}]"]
+            cells = [r["method"], ms(t["step"])]
             cells += [f"{1e3 * t[k]['median']:.1f}" for k in ("forward", "backward", "update")]
             cells += [f"{step / other['times']['step']['median']:.2f}x" if other else "-" for other in (base, ref)]
             cells += [f"{r['peak_rss'] / 2**30:.2f} GiB", f"{r['optimizer_state_bytes'] / 1e6:.1f} MB", f"{r['final_loss']:.3f}"]
-            lines.append("| " + " | ".join(cells) + " |")
+            rows.append(cells)
+        lines += [f"### {size} ({group[0]['params'] / 1e6:.1f}M parameters)", ""]
+        lines += markdown_table(("method", "step ms (median [min-max])", "forward", "backward", "update", "step / AdamW",
+                                 "step / badam", "peak RSS", "optimizer state", "loss after"), rows)
         lines.append("")
     if "probe" in report:
         cap = report["probe"]["cap"]
-        lines += [f"### Largest model trained under a {cap / 2**30:.0f} GiB cap (peak RSS)", "",
-                  "| method | largest size | parameters | peak RSS |", "|---|---|---|---|"]
-        for method, found in report["probe"]["largest"].items():
-            lines.append(f"| {method} | {found['size']} | {found['params'] / 1e6:.0f}M | {found['peak_rss'] / 2**30:.2f} GiB |"
-                         if found else f"| {method} | none | - | - |")
+        rows = [[method, found["size"], f"{found['params'] / 1e6:.0f}M", f"{found['peak_rss'] / 2**30:.2f} GiB"]
+                if found else [method, "none", "-", "-"] for method, found in report["probe"]["largest"].items()]
+        lines += [f"### Largest model trained under a {cap / 2**30:.0f} GiB cap (peak RSS)", ""]
+        lines += markdown_table(("method", "largest size", "parameters", "peak RSS"), rows)
         lines.append("")
     return "\n".join(lines)
 
@@ -400,7 +370,7 @@ def main() -> None:
             methods.append(method)
         else:
             print(f"note: {method} skipped: package '{PACKAGES[method]}' is not installed (pip install -e '.[bench]')")
-    report = {"environment": environment(args), "batch": args.batch, "seq": args.seq, "converge": args.converge}
+    report = {"environment": environment(["badam", "peft", "lomo-optim", "galore-torch"]), "batch": args.batch, "seq": args.seq, "converge": args.converge}
     if args.probe:
         report.update(probe(args, methods, out, parse_size(args.cap)))
     elif args.converge:

@@ -15,14 +15,9 @@ import argparse
 import contextlib
 import io
 import json
-import platform
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
-from rich.console import Console
-from rich.table import Table
+from benchlib import Stopwatch, environment, ms, print_table, spread
 
 import bcd
 from bcd.presets import tiny_llama
@@ -51,11 +46,6 @@ def make_optimizer(method: str, model: torch.nn.Module, args: argparse.Namespace
     raise ValueError(method)
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 class Runner:
     """One method's model, optimizer and timings."""
 
@@ -72,35 +62,22 @@ class Runner:
         return contextlib.redirect_stdout(io.StringIO()) if self.method == "badam" else contextlib.nullcontext()
 
     def steps(self, batches: list[torch.Tensor], record: bool) -> None:
-        clock: Callable[[], float] = time.perf_counter
-        device = self.args.device
         per_round = {k: 0.0 for k in self.times}
         for ids in batches:
-            sync(device)
-            t0 = clock()
+            watch = Stopwatch(self.args.device)
             loss = self.model(input_ids=ids, labels=ids).loss
-            sync(device)
-            t1 = clock()
+            per_round["forward"] += watch.lap()
             loss.backward()
-            sync(device)
-            t2 = clock()
+            per_round["backward"] += watch.lap()
             with self.quiet():
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            sync(device)
-            t3 = clock()
-            per_round["forward"] += t1 - t0
-            per_round["backward"] += t2 - t1
-            per_round["update"] += t3 - t2
-            per_round["step"] += t3 - t0
+            per_round["update"] += watch.lap()
             self.losses.append(loss.item())
+        per_round["step"] = per_round["forward"] + per_round["backward"] + per_round["update"]
         if record:
             for key, total in per_round.items():
                 self.times[key].append(total / len(batches))
-
-
-def stats(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def main() -> None:
@@ -134,26 +111,22 @@ def main() -> None:
         for runner in runners:
             runner.steps(batches, record=True)
 
-    figures = {r.method: {k: stats(v) for k, v in r.times.items()} for r in runners}
+    figures = {r.method: {k: spread(v) for k, v in r.times.items()} for r in runners}
     full = figures["adamw"]
-    table = Table(title=f"Mean per-step time over a block-epoch (D={args.layers}, K={args.k}, {args.device}, "
-                        f"bf16, batch {args.batch}x{args.seq}), median of {args.rounds} [min-max], ms")
-    for column in ("method", "forward", "backward", "update", "step", "backward / AdamW", "step / AdamW", "step / badam"):
-        table.add_column(column, justify="right")
+    rows = []
     for method, figs in figures.items():
-        row = [method]
-        for key in ("forward", "backward", "update", "step"):
-            s = figs[key]
-            row.append(f"{1e3 * s['median']:.1f} [{1e3 * s['min']:.1f}-{1e3 * s['max']:.1f}]")
+        row = [method, *(ms(figs[key]) for key in ("forward", "backward", "update", "step"))]
         row.append(f"{figs['backward']['median'] / full['backward']['median']:.2f}x")
         row.append(f"{figs['step']['median'] / full['step']['median']:.2f}x")
         row.append(f"{figs['step']['median'] / figures['badam']['step']['median']:.2f}x" if "badam" in figures else "-")
-        table.add_row(*row)
-    Console(width=160).print(table)
+        rows.append(row)
+    print_table(f"Mean per-step time over a block-epoch (D={args.layers}, K={args.k}, {args.device}, bf16, batch "
+                f"{args.batch}x{args.seq}), median of {args.rounds} [min-max], ms",
+                ("method", "forward", "backward", "update", "step", "backward / AdamW", "step / AdamW", "step / badam"),
+                rows)
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"args": vars(args), "machine": platform.platform(), "torch": torch.__version__,
-                       "figures": figures}, handle, indent=2)
+            json.dump({"args": vars(args), "environment": environment(["badam"]), "figures": figures}, handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,177 @@
+"""Malformed state dicts: each refused with a ValueError, the model and optimizer left bit-identical.
+
+One table of mutations of a real mid-visit state dict (bf16 Llama, random order, K = 3, two
+groups), each loaded into the live optimizer; afterwards every model tensor and the optimizer's
+own ``state_dict()`` are compared with before, and training goes on exactly like an untouched twin.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import bcd
+
+from conftest import CASES, train
+
+K, SEED = 3, 7
+
+
+def make():
+    case = CASES["llama"]
+    model = case.model(dtype=torch.bfloat16)
+    optimizer = bcd.BlockCoordinateOptimizer(
+        model, lr=1e-2, switch_every=K, order="random", order_options={"seed": SEED}, solver="adamw",
+        solver_options={"weight_decay": 0.1}, no_decay=True,
+    )
+    train(model, optimizer, case, K + 1)  # mid-visit of the second block: solver state and masters exist
+    return model, optimizer
+
+
+def first_master(sd):
+    return next(iter(sd["master_copies"]))
+
+
+def set_in(path, value):
+    def mutate(sd):
+        target = sd
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value(target[path[-1]]) if callable(value) else value
+        return sd
+    return mutate
+
+
+def drop(*path):
+    def mutate(sd):
+        target = sd
+        for key in path[:-1]:
+            target = target[key]
+        del target[path[-1]]
+        return sd
+    return mutate
+
+
+def gpt2_partition(sd):
+    other = bcd.BlockCoordinateOptimizer(CASES["gpt2"].model(), lr=0.1)
+    sd["partition"] = other.state_dict()["partition"]
+    return sd
+
+
+def master(change):
+    def mutate(sd):
+        name = first_master(sd)
+        sd["master_copies"][name] = change(sd["master_copies"][name])
+        return sd
+    return mutate
+
+
+def moment(change):
+    def mutate(sd):
+        entry = sd["solver_state"]["state"][0]
+        entry["exp_avg"] = change(entry["exp_avg"])
+        return sd
+    return mutate
+
+
+def fewer_solver_params(sd):
+    sd["solver_state"]["param_groups"][0]["params"] = sd["solver_state"]["param_groups"][0]["params"][:-1]
+    return sd
+
+
+def more_solver_groups(sd):
+    sd["solver_state"]["param_groups"].append(dict(sd["solver_state"]["param_groups"][0], params=[99]))
+    return sd
+
+
+CASES_ = {
+    "not a dict": (lambda sd: [sd], r"format 'list'"),
+    "another format": (set_in(["format"], "bcd/0"), r"format 'bcd/0'"),
+    "a torch optimizer's": (lambda sd: torch.optim.AdamW([torch.zeros(1)]).state_dict(), r"format None"),
+    "no schedule": (drop("schedule"), r"no 'schedule'"),
+    "no param_groups": (drop("param_groups"), r"no 'param_groups'"),
+    "no solver_state": (drop("solver_state"), r"no 'solver_state'"),
+    "no master_copies": (drop("master_copies"), r"no 'master_copies'"),
+    "no partition": (drop("partition"), r"no 'partition'"),
+    "other K": (set_in(["switch_every"], K + 1), r"switch_every=4"),
+    "other partitioner": (set_in(["partitioner"], "per-module"), r"partitioner='per-module'"),
+    "other ordering": (set_in(["ordering"], "ascending"), r"ordering='ascending'"),
+    "other solver": (set_in(["solver"], "sgd"), r"solver='sgd'"),
+    "other partitioner options": (set_in(["partitioner_options", "include_head"], False), r"'include_head': False"),
+    "schedule not a dict": (set_in(["schedule"], 5), r"schedule is int"),
+    "no step_in_block": (drop("schedule", "step_in_block"), r"no 'step_in_block'"),
+    "step_in_block = K": (set_in(["schedule", "step_in_block"], K), r"step_in_block is 3; accepted: 0 ... 2"),
+    "step_in_block < 0": (set_in(["schedule", "step_in_block"], -1), r"step_in_block is -1"),
+    "step_in_block a float": (set_in(["schedule", "step_in_block"], 1.0), r"step_in_block is 1.0"),
+    "position -1": (set_in(["schedule", "position"], -1), r"position is -1"),
+    "position past the order": (set_in(["schedule", "position"], 99), r"position is 99"),
+    "global_step < 0": (set_in(["schedule", "global_step"], -4), r"global_step is -4"),
+    "global_step a string": (set_in(["schedule", "global_step"], "4"), r"global_step is '4'"),
+    "block_epoch a bool": (set_in(["schedule", "block_epoch"], True), r"block_epoch is True"),
+    "block_epoch < 0": (set_in(["schedule", "block_epoch"], -1), r"block_epoch is -1"),
+    "another order": (set_in(["schedule", "order"], lambda o: list(reversed(o))), r"saved with order"),
+    "order not a list": (set_in(["schedule", "order"], "0123"), r"saved with order '0123'"),
+    "another seed": (set_in(["schedule", "ordering_options", "seed"], 111), r"'seed': 111"),
+    "a foreign model's partition": (gpt2_partition, r"another partition .*transformer"),
+    "partition not a list": (set_in(["partition"], "layers"), r"another partition .*saved blocks 'layers'"),
+    "param_groups not a list": (set_in(["param_groups"], {}), r"dict parameter group\(s\)"),
+    "a group without params": (drop("param_groups", 0, "params"), r"2 parameter group\(s\) with other members"),
+    "groups' members swapped": (lambda sd: {**sd, "param_groups": sd["param_groups"][::-1]}, r"other members"),
+    "lr < 0": (set_in(["param_groups", 0, "lr"], -5), r"lr=-5; accepted: a finite number >= 0"),
+    "lr a string": (set_in(["param_groups", 0, "lr"], "fast"), r"lr='fast'"),
+    "lr NaN": (set_in(["param_groups", 1, "lr"], float("nan")), r"lr=nan"),
+    "betas of one": (set_in(["param_groups", 0, "betas"], (0.9,)), r"betas=\(0.9,\)"),
+    "eps < 0": (set_in(["param_groups", 0, "eps"], -1e-8), r"eps=-1e-08"),
+    "weight_decay a bool": (set_in(["param_groups", 0, "weight_decay"], True), r"weight_decay=True"),
+    "amsgrad not a bool": (set_in(["param_groups", 0, "amsgrad"], "no"), r"amsgrad='no'"),
+    "master of shape [1]": (master(lambda m: torch.zeros(1)), r"is torch.float32 \(1,\); accepted: torch.float32 \(64, 16\)"),
+    "master in bf16": (master(lambda m: m.to(torch.bfloat16)), r"torch.bfloat16 .*accepted: torch.float32"),
+    "master not a tensor": (master(lambda m: m.tolist()), r"master_copies\[.*\] is \[\["),
+    "a master missing": (lambda sd: {**sd, "master_copies": dict(list(sd["master_copies"].items())[1:])},
+                         r"master_copies hold"),
+    "a master too many": (lambda sd: {**sd, "master_copies": {**sd["master_copies"], "lm_head.weight": torch.zeros(1)}},
+                          r"master_copies hold"),
+    "masters without solver state": (set_in(["solver_state"], None), r"master_copies are given but solver_state is None"),
+    "solver_state not a dict": (set_in(["solver_state"], [1, 2]), r"solver_state is list"),
+    "solver_state['state'] not a dict": (set_in(["solver_state", "state"], 3), r"solver_state is dict without 'state'"),
+    "a solver parameter fewer": (fewer_solver_params, r"solver_state does not fit .*doesn't match the size"),
+    "a solver group more": (more_solver_groups, r"solver_state does not fit"),
+    "moment of another shape": (moment(lambda m: m.flatten()[:3].clone()), r"\['exp_avg'\] has shape \(3,\)"),
+    "moment of integers": (moment(lambda m: m.to(torch.int64)), r"\['exp_avg'\] has dtype torch.int64"),
+    "state for parameter 99": (set_in(["solver_state", "state"], lambda s: {**s, 99: s[0]}), r"has entry 99"),
+}
+
+
+def deep_equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(deep_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(deep_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_the_table_is_large_enough():
+    assert len(CASES_) >= 40
+
+
+@pytest.mark.parametrize("name", list(CASES_))
+def test_a_malformed_state_dict_is_refused_and_changes_nothing(name):
+    mutate, match = CASES_[name]
+    model, optimizer = make()
+    twin_model, twin = make()
+    saved = copy.deepcopy(optimizer.state_dict())
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=match):
+        optimizer.load_state_dict(mutate(copy.deepcopy(saved)))
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert deep_equal(optimizer.state_dict(), saved)
+    # ... and training goes on exactly like an optimizer that never saw the bad dict.
+    case = CASES["llama"]
+    assert train(model, optimizer, case, 2 * K, start=K + 1) == train(twin_model, twin, case, 2 * K, start=K + 1)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin_model.parameters()))
