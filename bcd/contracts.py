@@ -60,7 +60,7 @@ def check(kind: str, obj: Any) -> None:
     missing += [m for m in _REQUIRED[kind] if m != "dynamic" and hasattr(obj, m) and not callable(getattr(obj, m))]
     if missing:
         raise ValueError(
-            f"Invalid {kind}: {type(obj).__name__} object has no {', '.join(missing)}; accepted: a registered "
+            f"Invalid {kind}: {obj!r:.60} ({type(obj).__name__}) has no {', '.join(missing)}; accepted: a registered "
             f"{kind} name or an object with {', '.join(_REQUIRED[kind])} (bcd.contracts.{kind.capitalize()})."
         )
     if kind == "partitioner" and not isinstance(obj.dynamic, bool):

@@ -49,8 +49,8 @@ def test_objects_only_trains_identically_to_names():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"partitioner": object()}, r"Invalid partitioner: object object has no partition, dynamic"),
-        ({"order": object()}, r"Invalid ordering: object object has no order"),
+        ({"partitioner": object()}, r"Invalid partitioner: <object object at .*> \(object\) has no partition, dynamic"),
+        ({"order": object()}, r"Invalid ordering: <object object at .*> \(object\) has no order"),
         ({"solver": 3}, r"Invalid solver: 3; accepted: a registered solver name or a callable"),
         ({"partitioner": LayerPartitioner(), "partitioner_options": {"include_head": False}},
          r"Invalid partitioner options \{'include_head': False\} with a partitioner object"),
