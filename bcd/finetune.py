@@ -36,6 +36,11 @@ def format_prompt(example: dict[str, Any]) -> str:
     return PROMPT_WITHOUT_INPUT.format(instruction=example["instruction"])
 
 
+def looks_local(name: str) -> bool:
+    """Whether ``name`` is meant as a local path rather than a hub name (``org/name`` or ``name``)."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or name.endswith((".json", ".jsonl"))
+
+
 def load_instructions(source: str | Path | None = None):
     """Instruction data as a ``datasets.Dataset`` with ``instruction``, ``output`` and maybe ``input``.
 
@@ -49,6 +54,11 @@ def load_instructions(source: str | Path | None = None):
     import datasets
 
     path = Path(source) if source is not None else DEMO_DATA
+    if source is not None and looks_local(str(source)) and not path.is_file():
+        raise ValueError(f"Invalid dataset: {str(source)!r} is no file; accepted: a local .json/.jsonl file of Alpaca "
+                         "records, or a dataset name on the Hugging Face hub.")
+    shown = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a one-file read needs no bar on stderr, where errors go
     try:
         if source is None or path.is_file():
             data = datasets.load_dataset("json", data_files=str(path), split="train")
@@ -59,12 +69,22 @@ def load_instructions(source: str | Path | None = None):
             f"Cannot load dataset {str(source)!r} ({type(error).__name__}: {error}); accepted: a local .json/.jsonl "
             "file of Alpaca records, or a dataset name on the Hugging Face hub (needs network)."
         ) from error
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
     missing = {"instruction", "output"} - set(data.column_names)
     if missing:
         raise ValueError(
             f"Invalid instruction data {str(path if source is None else source)!r}: columns {data.column_names}, "
             f"missing {sorted(missing)}; accepted: Alpaca records with 'instruction', 'output' and optional 'input'."
         )
+    for column in ("instruction", "output", "input"):
+        dtype = getattr(data.features.get(column), "dtype", "string")
+        if dtype not in ("string", "large_string"):
+            raise ValueError(
+                f"Invalid instruction data {str(path if source is None else source)!r}: column {column!r} holds "
+                f"{dtype} values; accepted: text."
+            )
     return data
 
 
@@ -139,12 +159,16 @@ def finetune(
 
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    from bcd import memory
+    from bcd import memory, plugins
     from bcd.checks import positive_int
     from bcd.integrations.transformers import attach, badam_from_training_args
 
     for label, value in (("max_steps", max_steps), ("batch_size", batch_size), ("max_length", max_length)):
         positive_int(label, value)
+    plugins.lookup("ordering", order)  # names are checked before any data is read or tokenizer trained
+    if model_name is not None and looks_local(model_name) and not Path(model_name).expanduser().is_dir():
+        raise ValueError(f"Invalid model: {model_name!r} is no local folder; accepted: a local model folder, or a "
+                         "model name on the Hugging Face hub (needs network).")
     started = time.perf_counter()
     torch.manual_seed(seed)
     data = load_instructions(dataset)

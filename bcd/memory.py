@@ -144,6 +144,22 @@ def _block_cost(params: Sequence[nn.Parameter], per_element: int, per_tensor: in
     )
 
 
+# The attention query and value projections by family, peft's defaults: Llama and most causal LMs,
+# GPT-2 (fused c_attn), BERT/RoBERTa, T5.
+DEFAULT_LORA_TARGETS = (("q_proj", "v_proj"), ("c_attn",), ("query", "value"), ("q", "v"))
+
+
+def _linear_names(model: nn.Module) -> set[str]:
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+            if (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D") and getattr(m, "weight", None) is not None}
+
+
+def lora_targets_for(model: nn.Module) -> tuple[str, ...]:
+    """The first of :data:`DEFAULT_LORA_TARGETS` that this model has, else every linear layer's name."""
+    names = _linear_names(model)
+    return next((t for t in DEFAULT_LORA_TARGETS if set(t) <= names), tuple(sorted(names)))
+
+
 def _lora_params(model: nn.Module, rank: int, targets: Sequence[str]) -> list[int]:
     """Adapter sizes ``rank * (in + out)`` for every linear layer whose name ends in a target."""
     sizes, linear_names = [], set()
@@ -173,7 +189,7 @@ def estimate(
     solver: str = "adamw",
     solver_options: Mapping[str, Any] | None = None,
     lora_rank: int = 8,
-    lora_targets: Sequence[str] = ("q_proj", "v_proj"),
+    lora_targets: Sequence[str] | None = None,
     activations: ActivationEstimate | None = None,
     name: str | None = None,
     world_size: int = 1,
@@ -189,7 +205,7 @@ def estimate(
         solver: the inner solver (also Adam's and LoRA's optimizer), ``adamw`` by default.
         solver_options: its options (they can change its state, e.g. ``amsgrad``).
         lora_rank: LoRA's rank r.
-        lora_targets: names of the linear layers LoRA adapts.
+        lora_targets: names of the linear layers LoRA adapts; default :func:`lora_targets_for` the model.
         activations: an activation estimate to carry along (see :func:`estimate_activations`).
         name: a label for the model.
         world_size: N ranks sharding with FSDP2: figures are per rank, every per-element term
@@ -220,7 +236,8 @@ def estimate(
                 note=f"{solver} over all parameters; fp32 masters for low-precision ones",
             ))
         elif method == "badam":
-            options = BADAM_PARTITION_OPTIONS if partitioner_options is None else partitioner_options
+            options = (BADAM_PARTITION_OPTIONS if partitioner == "layer" else {}) if partitioner_options is None \
+                else partitioner_options
             partition = plugins.create("partitioner", partitioner, dict(options)).partition(model, params, 0)
             figures = tuple(
                 BlockFigure(
@@ -240,6 +257,7 @@ def estimate(
                 paper_formula=_shard(2 * total + 16 * total // len(figures), world_size),
             ))
         elif method == "lora":
+            lora_targets = tuple(lora_targets) if lora_targets else lora_targets_for(model)
             adapters = _lora_params(model, lora_rank, lora_targets)
             numel = sum(adapters)
             results.append(MethodEstimate(
@@ -249,7 +267,7 @@ def estimate(
                     gradients=_shard(4 * numel, world_size),
                     solver_state=_shard(per_element * numel, world_size) + per_tensor * 2 * len(adapters),
                 ),
-                note=f"rank {lora_rank} on {', '.join(lora_targets)} ({len(adapters)} layers); fp32 adapters",
+                note=f"rank {lora_rank} on {', '.join(lora_targets)} ({len(adapters)} linear modules); fp32 adapters",
             ))
         else:
             largest_tensor = max(p.numel() * p.element_size() for p in all_params)

@@ -112,14 +112,41 @@ def load_config(preset: str | None = None, config: str | Path | None = None):
     path = Path(config)
     try:
         if path.is_dir():
-            return AutoConfig.from_pretrained(path, local_files_only=True)
-        values = json.loads(path.read_text())
-        return AutoConfig.for_model(values.pop("model_type"), **values)
-    except (OSError, ValueError, KeyError, TypeError) as error:
+            loaded = AutoConfig.from_pretrained(path, local_files_only=True)
+        else:
+            values = json.loads(path.read_text())
+            if not isinstance(values, dict) or not isinstance(values.get("model_type"), str):
+                raise ValueError(f"it holds {type(values).__name__} {str(values)[:40]!r}, not an object with a 'model_type'")
+            loaded = AutoConfig.for_model(values.pop("model_type"), **values)
+    except Exception as error:  # OSError, JSON, and transformers' strict field validation (its own types)
         raise ValueError(
             f"Unreadable config: {str(path)!r} ({type(error).__name__}: {error}); accepted: a config.json with a "
             "'model_type', or a local model directory holding one."
         ) from error
+    check_shape(loaded, str(path))
+    return loaded
+
+
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "n_embd", "n_layer", "n_head", "d_model", "num_layers", "num_heads")
+
+
+def check_shape(config: Any, source: str) -> None:
+    """Refuse a config whose sizes are not positive integers, or whose heads do not divide the width.
+
+    Raises:
+        ValueError: naming the field, the value and what is accepted.
+    """
+    for name in SHAPE_FIELDS:
+        value = getattr(config, name, None) if name in config.to_dict() else None
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"Invalid config {source!r}: {name}={value!r}; accepted: an integer >= 1.")
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    kv = getattr(config, "num_key_value_heads", None)
+    if isinstance(hidden, int) and isinstance(heads, int) and hidden % heads:
+        raise ValueError(f"Invalid config {source!r}: hidden_size={hidden} is not a multiple of num_attention_heads={heads}.")
+    if isinstance(heads, int) and isinstance(kv, int) and heads % kv:
+        raise ValueError(f"Invalid config {source!r}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}.")
 
 
 def build_model(config, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "meta") -> nn.Module:

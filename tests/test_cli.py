@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from bcd.cli import main
 
 
@@ -46,3 +48,73 @@ def test_every_flag_of_every_command_has_help():
             if action.option_strings and action.dest != "help":
                 assert action.help, f"bcd {name} {action.option_strings[0]} has no help"
         assert sub.description, name
+
+
+def _files(tmp_path):
+    (tmp_path / "string.json").write_text('"just a string"')
+    (tmp_path / "hidden.json").write_text(json.dumps({"model_type": "llama", "hidden_size": "64"}))
+    (tmp_path / "heads.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+                                                     "num_key_value_heads": 3}))
+    (tmp_path / "numbers.jsonl").write_text(json.dumps({"instruction": "add", "output": 3}) + "\n")
+    (tmp_path / "a-file").write_text("")
+    return tmp_path
+
+
+TINY = ["--preset", "llama-tiny"]
+BAD_INVOCATIONS = [
+    ([], "required: COMMAND"),
+    (["nope"], "invalid choice: 'nope'"),
+    (["plugins", "--bogus"], "unrecognized arguments: --bogus"),
+    (["memory"], "one of the arguments --preset --config is required"),
+    (["memory", "--preset", "llama-99"], "invalid choice: 'llama-99'"),
+    (["memory", "--config", "{tmp}/missing.json"], "missing.json': no such file or folder"),
+    (["memory", "--config", "{tmp}/string.json"], "it holds str 'just a string'"),
+    (["memory", "--config", "{tmp}/hidden.json"], "expected int, got str"),
+    (["memory", "--config", "{tmp}/heads.json"], "num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
+    (["memory", *TINY, "--batch", "0"], "argument --batch: '0'; accepted: an integer >= 1"),
+    (["memory", *TINY, "--seq", "0"], "argument --seq: '0'"),
+    (["memory", *TINY, "--lora-rank", "-8"], "argument --lora-rank: '-8'"),
+    (["memory", *TINY, "--world-size", "0"], "argument --world-size: '0'"),
+    (["memory", *TINY, "--batch", "two"], "argument --batch: 'two'; accepted: an integer >= 1"),
+    (["memory", *TINY, "--budget", "lots"], "Invalid size: 'lots'"),
+    (["memory", *TINY, "--method", "sgd"], "argument --method: invalid choice: 'sgd'"),
+    (["memory", *TINY, "--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
+    (["memory", *TINY, "--partition", "random-subset"], "Missing option(s) ['num_blocks'] for partitioner 'random-subset'"),
+    (["memory", *TINY, "--partition-option", "oops"], "Invalid --partition-option: 'oops'"),
+    (["memory", *TINY, "--lora-targets", "nothing"], "Invalid LoRA targets: ['nothing']"),
+    (["profile", *TINY, "--json", "{tmp}/no/dir/x.json"], "x.json': not a writable file path"),
+    (["profile", *TINY, "--plot", "{tmp}"], "not a writable file path"),
+    (["profile", *TINY, "--tensorboard", "{tmp}/a-file/logs"], "not a writable folder"),
+    (["profile", *TINY, "--repeats", "0"], "argument --repeats: '0'"),
+    (["profile", *TINY, "--warmup", "-1"], "argument --warmup: '-1'; accepted: an integer >= 0"),
+    (["profile", *TINY, "--device", "tpu"], "Unknown device: 'tpu'"),
+    (["finetune", "--order", "zigzag", "--output-dir", "{tmp}/out"], "Unknown ordering: 'zigzag'"),
+    (["finetune", "--model", "./no/such/model", "--output-dir", "{tmp}/out"], "'./no/such/model' is no local folder"),
+    (["finetune", "--dataset", "{tmp}/numbers.jsonl", "--output-dir", "{tmp}/out"], "column 'output' holds int64 values"),
+    (["finetune", "--dataset", "./missing.jsonl", "--output-dir", "{tmp}/out"], "'./missing.jsonl' is no file"),
+    (["finetune", "--output-dir", "{tmp}/a-file/out"], "not a writable folder"),
+    (["finetune", "--lr", "-1"], "argument --lr: '-1'; accepted: a number > 0.0"),
+    (["finetune", "--max-steps", "0"], "argument --max-steps: '0'"),
+]
+
+
+def test_bad_invocation_table_is_large_enough():
+    assert len(BAD_INVOCATIONS) >= 20
+
+
+@pytest.mark.parametrize("argv,text", BAD_INVOCATIONS, ids=[" ".join(a)[:40] or "(none)" for a, _ in BAD_INVOCATIONS])
+def test_a_bad_invocation_is_one_line_and_exit_2(argv, text, tmp_path, capsys):
+    tmp = _files(tmp_path)
+    code = main([a.replace("{tmp}", str(tmp)) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err and text in err, err
+    assert err.startswith("bcd")
+    assert not (tmp / "out").exists()  # refused before any work
+
+
+def test_the_console_script_exits_2_with_one_line():
+    result = subprocess.run(["bcd", "memory", "--preset", "llama-tiny", "--seq", "0"], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == ["bcd memory: error: argument --seq: '0'; accepted: an integer >= 1"]

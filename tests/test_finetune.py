@@ -46,8 +46,10 @@ def test_bad_data_is_a_clear_error(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": "a"}])
     with pytest.raises(ValueError, match=r"columns \['question', 'answer'\], missing \['instruction', 'output'\]"):
         load_instructions(bad)
-    with pytest.raises(ValueError, match=r"Cannot load dataset .*accepted: a local .json/.jsonl file"):
+    with pytest.raises(ValueError, match=r"no-such-dir/x' is no file; accepted: a local .json/.jsonl file"):
         load_instructions(tmp_path / "no-such-dir" / "x")
+    with pytest.raises(ValueError, match=r"column 'output' holds int64 values; accepted: text"):
+        load_instructions(write_jsonl(tmp_path / "numbers.jsonl", [{"instruction": "add", "output": 3}]))
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")

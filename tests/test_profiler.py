@@ -92,20 +92,6 @@ def test_schema_rejects_a_broken_document(tiny_profile):
         jsonschema.validate(document, schema)
 
 
-@pytest.mark.parametrize(
-    "argv,message",
-    [
-        (["--preset", "llama-99b"], "Unknown preset: 'llama-99b'"),
-        (["--preset", "llama-tiny", "--batch", "0"], "Invalid --batch: 0; accepted: an integer >= 1"),
-        (["--preset", "llama-tiny", "--seq", "-1"], "Invalid --seq: -1"),
-        (["--preset", "llama-tiny", "--device", "tpu"], "Unknown device: 'tpu'; accepted: cpu, cuda, cuda:N"),
-    ],
-)
-def test_cli_errors(argv, message, capsys):
-    assert main(["profile", *argv]) == 2
-    assert message in capsys.readouterr().err
-
-
 def test_unavailable_cuda_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
