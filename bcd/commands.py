@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 
 import attrs
@@ -118,16 +119,24 @@ def run_profile(args: argparse.Namespace) -> int:
     console = Console(width=max(Console().width, 170))
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("profiling", total=None)
+
+        def progress(label: str) -> None:
+            bar.update(task, description=f"profiling {label}")
+            if not console.is_terminal:  # a bar shows nothing in a log or a pipe: a line per block instead
+                print(f"profiling {label}", file=sys.stderr, flush=True)
+
         result = profiler.profile(
             model, batch=args.batch, seq=args.seq, partitioner=args.partition, partitioner_options=options,
             repeats=args.repeats, warmup=args.warmup, use_checkpointing=args.checkpointing,
-            progress=lambda label: bar.update(task, description=f"profiling {label}"),
-            name=args.preset or args.config,
+            progress=progress, name=args.preset or args.config,
         )
     from bcd import profile_report
 
     console.print(profile_report.table(result))
     console.print(profile_report.summary(result), highlight=False)
+    warning = profile_report.spread_warning(result)
+    if warning:
+        console.print(warning, style="yellow", highlight=False)
     if args.json:
         profile_report.write_json(result, args.json)
     if args.csv:
@@ -171,7 +180,9 @@ def run_finetune(args: argparse.Namespace) -> int:
     table.add_row("memory: total (bcd, sum of peaks | AdamW)", f"{format_size(bcd_total)} | {format_size(adamw_total)} "
                   f"({bcd_total / adamw_total:.2f}x)")
     table.add_row("model and tokenizer saved in", summary.output_dir)
-    table.add_row("TensorBoard logs", f"tensorboard --logdir {summary.tensorboard_dir}" if summary.tensorboard_dir else "off")
     table.add_row("wall time", f"{summary.seconds:.0f} s")
     console.print(table)
+    # On a line of its own, unwrapped, to copy whole: the folder holds the training curves and the evaluations.
+    console.print(f"TensorBoard logs: tensorboard --logdir {summary.tensorboard_dir}" if summary.tensorboard_dir
+                  else "TensorBoard logs: off (--no-tensorboard)", soft_wrap=True, highlight=False)
     return 0

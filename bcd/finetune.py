@@ -158,6 +158,7 @@ def finetune(
     import time
 
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers.integrations import TensorBoardCallback
 
     from bcd import memory, plugins
     from bcd.checks import positive_int
@@ -187,13 +188,20 @@ def finetune(
         output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=batch_size,
         per_device_eval_batch_size=batch_size, learning_rate=learning_rate, lr_scheduler_type="cosine",
         warmup_steps=max(1, max_steps // 20), max_grad_norm=1.0, logging_steps=max(1, max_steps // 20),
-        save_strategy="no", report_to=["tensorboard"] if tensorboard else [], seed=seed, data_seed=seed,
+        save_strategy="no", report_to=[], seed=seed, data_seed=seed,
         use_cpu=not torch.cuda.is_available(), activation_checkpointing=gradient_checkpointing,
         disable_tqdm=not progress, dataloader_num_workers=0,
     )
     optimizer = badam_from_training_args(model, args, switch_every=switch_every, order=order, seed=seed,
                                          include_embedding=True, include_head=True)
-    trainer = Trainer(model=model, args=args, train_dataset=split["train"], eval_dataset=split["test"],
+    # Our own TensorBoard callback with its folder set: the Trainer's, first used by an evaluation
+    # before train(), would open a writer with no folder (./runs/<date>_<host> under the cwd).
+    tensorboard_dir = Path(output_dir).absolute() / "tensorboard"
+    callbacks = []
+    if tensorboard:
+        callbacks.append(TensorBoardCallback())
+        callbacks[0].logging_dir = str(tensorboard_dir)
+    trainer = Trainer(model=model, args=args, train_dataset=split["train"], eval_dataset=split["test"], callbacks=callbacks,
                       data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX),
                       optimizers=(optimizer, None))
     attach(trainer)
@@ -212,7 +220,6 @@ def finetune(
     trainer.save_model(output_dir)
     tokenizer.save_pretrained(output_dir)
     adamw = memory.estimate(model, methods=["adam"]).method("adam").breakdown
-    logs = sorted(Path(output_dir).rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
     return FinetuneSummary(
         model=model_name or "tiny Llama built from a config",
         dataset=str(dataset) if dataset else f"bundled demo set ({DEMO_DATA.name})",
@@ -225,7 +232,7 @@ def finetune(
         memory=peak,
         adamw_estimate=attrs.asdict(adamw),
         output_dir=output_dir,
-        tensorboard_dir=str(logs[-1].parent) if logs else None,
+        tensorboard_dir=str(tensorboard_dir) if tensorboard else None,
         seconds=time.perf_counter() - started,
     )
 

@@ -104,6 +104,8 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         self._switch_hooks: dict[int, Callable[[BlockCoordinateOptimizer, BlockSwitch], None]] = collections.OrderedDict()
         self._model_hooks: list[RemovableHandle] = []
         self._closed: str | None = None
+        #: Block switches so far (a revisit of the same block is none), kept across state dicts.
+        self.switches = 0
         if previous is not None:
             previous._close("a newer optimizer over the same model took over")
         claim(model, self)
@@ -157,6 +159,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
 
     def _activate(self, *, reason: str, previous: Block | None = None) -> None:
         self._block.activate(self.active_block)
+        self.switches += reason == "switch"
         event = BlockSwitch(block=self.active_block, block_index=self.schedule.active, previous=previous,
                             block_epoch=self.schedule.block_epoch, position=self.schedule.position,
                             global_step=self.schedule.global_step, reason=reason)
@@ -265,7 +268,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         check_unreplaced(self._model, self._candidates, restore.partition[restore.schedule.active].param_names)
         for group, hyper in zip(self.param_groups, restore.group_hyperparameters):
             group.update(hyper)
-        self.partition, self.schedule = restore.partition, restore.schedule
+        self.partition, self.schedule, self.switches = restore.partition, restore.schedule, restore.switches
         self._activate(reason="resume")
         if restore.solver_state is not None:
             self._ensure_solver()

@@ -56,6 +56,20 @@ def summary(result: Profile) -> str:
     )
 
 
+NOISY = 2.0  # max / min of a block's repeats above which its time ratio is not to be trusted
+
+
+def spread_warning(result: Profile) -> str | None:
+    """A warning when the repeats of some timing disagree by more than :data:`NOISY` times, else None."""
+    spreads = [(row.name, t.max / t.min) for row in result.blocks
+               for t in (row.forward_time, row.backward_time) if t is not None and t.min > 0]
+    name, worst = max(spreads, key=lambda s: s[1], default=(None, 1.0))
+    if worst <= NOISY:
+        return None
+    return (f"warning: repeats disagree up to {worst:.1f}x (max/min, {name}): the machine was busy, so the measured "
+            f"time ratios are unreliable (the FLOP ratios are not affected); rerun with more --repeats on a quiet machine.")
+
+
 def to_dict(result: Profile) -> dict:
     """The JSON document: ``attrs.asdict`` of the profile, tuples as lists (schema: docs/profile.schema.json)."""
     return json.loads(json.dumps(attrs.asdict(result)))

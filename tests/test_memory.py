@@ -201,3 +201,11 @@ def test_cli_world_size(capsys):
     assert main(["memory", "--preset", "llama-2-7b", "--method", "badam", "--world-size", "2", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["methods"][0]["breakdown"]["weights"] == 6738415616
+
+
+@pytest.mark.parametrize("preset", sorted(__import__("bcd.presets", fromlist=["PRESETS"]).PRESETS))
+def test_every_preset_prints_a_full_table_with_default_flags(preset, capsys):
+    assert main(["memory", "--preset", preset]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split("│")[1].strip() for line in out.splitlines() if line.count("│") > 3]
+    assert {"adam", "badam", "lora", "lomo"} <= set(rows), out

@@ -71,8 +71,11 @@ def test_json_follows_the_documented_schema_and_csv_plot_tensorboard(tmp_path, c
                  "--json", str(out), "--csv", str(tmp_path / "p.csv"), "--plot", str(tmp_path / "p.png"),
                  "--tensorboard", str(tmp_path / "tb")])
     assert code == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "paper's coarse count (D+1)/(2D)" in printed and "refined count (D+2)/(4D)" in printed
+    # Not a terminal here: progress is a line per block on stderr, not an invisible bar.
+    assert "profiling counting FLOPs: embedding" in captured.err.splitlines()
     document = json.loads(out.read_text())
     jsonschema.validate(document, json.loads((ROOT / "docs" / "profile.schema.json").read_text()))
     assert [b["name"] for b in document["blocks"]][0] == "embedding"
@@ -103,3 +106,20 @@ def test_profile_refuses_bad_batch():
     model = build_model(load_config("llama-tiny"), dtype=torch.float32, device="cpu")
     with pytest.raises(ValueError, match=r"Invalid batch: 0; accepted: an integer >= 1"):
         profiler.profile(model, batch=0)
+
+
+def test_repeats_that_disagree_are_warned_about(tiny_profile):
+    import attrs
+
+    from bcd import profile_report
+    from bcd.profiler import Timing
+
+    steady = attrs.evolve(tiny_profile, blocks=tuple(
+        attrs.evolve(b, forward_time=Timing(median=1.0, min=1.0, max=1.5),
+                     backward_time=None if b.backward_time is None else Timing(median=2.0, min=2.0, max=2.5))
+        for b in tiny_profile.blocks))
+    assert profile_report.spread_warning(steady) is None
+    noisy = attrs.evolve(steady, blocks=(attrs.evolve(steady.blocks[0], backward_time=Timing(median=1.0, min=0.1, max=3.0)),
+                                         *steady.blocks[1:]))
+    warning = profile_report.spread_warning(noisy)
+    assert warning.startswith("warning: repeats disagree up to 30.0x (max/min, embedding)")

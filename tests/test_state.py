@@ -140,6 +140,7 @@ CASES_ = {
     "a solver group more": (more_solver_groups, r"solver_state does not fit"),
     "moment of another shape": (moment(lambda m: m.flatten()[:3].clone()), r"\['exp_avg'\] has shape \(3,\)"),
     "moment of integers": (moment(lambda m: m.to(torch.int64)), r"\['exp_avg'\] has dtype torch.int64"),
+    "switches < 0": (set_in(["switches"], -1), r"switches is -1; accepted: an integer >= 0"),
     "state for parameter 99": (set_in(["solver_state", "state"], lambda s: {**s, 99: s[0]}), r"has entry 99"),
 }
 

@@ -8,7 +8,7 @@ from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
 import bcd
-from bcd.integrations.transformers import BlockCoordinateCallback, attach, badam_from_training_args
+from bcd.integrations.transformers import _unwrap, BlockCoordinateCallback, attach, badam_from_training_args
 
 from conftest import tiny_llama
 
@@ -40,10 +40,12 @@ def run(args: TrainingArguments, resume: str | None = None):
 
 
 def test_resume_from_a_mid_block_checkpoint_is_bit_identical(tmp_path):
-    uninterrupted, reference, _ = run(arguments(tmp_path / "a"))
+    uninterrupted, reference, whole = run(arguments(tmp_path / "a"))
     run(arguments(tmp_path / "b", save_steps=4))  # K = 3: step 4 is mid-block
     resumed, model, trainer = run(arguments(tmp_path / "b", save_steps=4), resume=str(tmp_path / "b" / "checkpoint-4"))
     assert resumed == uninterrupted
+    # bcd/switches goes on from the checkpoint's count, not from 0.
+    assert _unwrap(trainer.optimizer).switches == _unwrap(whole.optimizer).switches > 0
     for (name, a), (_, b) in zip(model.named_parameters(), reference.named_parameters()):
         assert torch.equal(a, b), name
     saved = torch.load(tmp_path / "b" / "checkpoint-4" / "optimizer.pt", weights_only=True)

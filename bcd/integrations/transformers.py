@@ -83,16 +83,7 @@ class BlockCoordinateCallback(TrainerCallback):
 
     def __init__(self, memory: bool = True) -> None:
         self.memory = memory
-        self.switches = 0
-        self._last_solver = None
         self._settings_logged = False
-
-    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
-        bcd_optimizer = _unwrap(optimizer)
-        if bcd_optimizer is not None:
-            if self._last_solver is not None and bcd_optimizer.solver is not self._last_solver:
-                self.switches += 1
-            self._last_solver = bcd_optimizer.solver
 
     def on_log(self, args, state, control, logs=None, model=None, optimizer=None, **kwargs):
         bcd_optimizer = _unwrap(optimizer)
@@ -106,7 +97,8 @@ class BlockCoordinateCallback(TrainerCallback):
         logs["bcd/active_block"] = bcd_optimizer.active_block_index
         logs["bcd/block_epoch"] = bcd_optimizer.block_epoch
         logs["bcd/step_in_block"] = bcd_optimizer.step_in_block
-        logs["bcd/switches"] = self.switches
+        # The optimizer's own count, saved in its state dict: it goes on after resume_from_checkpoint.
+        logs["bcd/switches"] = bcd_optimizer.switches
         if self.memory and model is not None:
             live = measure(model, bcd_optimizer)
             logs["bcd/memory_weights_MB"] = sum(live.parameters.values()) / MB
