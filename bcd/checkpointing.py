@@ -44,12 +44,13 @@ def check(model: nn.Module, modules: list[tuple[str, nn.Module]] | None = None) 
             )
 
 
-def make_compatible(model: nn.Module, modules: list[tuple[str, nn.Module]] | None = None) -> bool:
+def make_compatible(model: nn.Module, modules: list[tuple[str, nn.Module]] | None = None, quiet: bool = False) -> bool:
     """Remove transformers' input-require-grads hooks; refuse reentrant checkpointing.
 
     Args:
         model: the model.
         modules: the result of a previous ``_relevant(model)``, to skip walking the model again.
+        quiet: no warning (bcd's own :func:`enable` removes the hook it knows transformers adds).
 
     Returns:
         True if hooks were removed.
@@ -64,7 +65,7 @@ def make_compatible(model: nn.Module, modules: list[tuple[str, nn.Module]] | Non
         if getattr(module, "_require_grads_hooks", None) and hasattr(module, "disable_input_require_grads"):
             module.disable_input_require_grads()
             removed = True
-    if removed:
+    if removed and not quiet:
         logger.warning(
             "bcd: removed the input-require-grads hook that transformers installs with gradient checkpointing; "
             "non-reentrant checkpointing does not need it, and it would run backward through every frozen layer."
@@ -81,7 +82,7 @@ def enable(model: nn.Module) -> None:
         enable_fn(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         enable_fn(gradient_checkpointing_kwargs={"use_reentrant": False})
-    make_compatible(model)
+    make_compatible(model, quiet=True)
 
 
 def guard(model: nn.Module) -> RemovableHandle:

@@ -78,16 +78,26 @@ def run_memory(args: argparse.Namespace) -> int:
     for m in report.methods:
         if m.method == "badam":
             largest = next(f for f in m.blocks if f.name == m.largest_block)
+            # The paper's formula counts Adam's two moments: shown only when the solver is Adam's.
+            paper = (f" Paper's 2M + 16M/D: {size(m.paper_formula)}." if args.solver in ("adam", "adamw")
+                     else f" (The paper's 2M + 16M/D assumes Adam; not comparable with --solver {args.solver}.)")
             console.print(
-                f"BAdam: D = {len(m.blocks)} blocks; the largest, [bold]{largest.name}[/] ({largest.params / 1e6:.1f}M "
-                f"parameters, {size(largest.bytes.total)} to train), sets the peak. Paper's 2M + 16M/D: "
-                f"{size(m.paper_formula)}.", highlight=False)
+                f"BAdam: D = {len(m.blocks)} blocks; the largest, [bold]{largest.name}[/] ({count(largest.params)} "
+                f"parameters, {size(largest.bytes.total)} to train), sets the peak.{paper}", highlight=False)
     if activations:
         console.print(f"Activations (estimate, batch {activations.batch} x seq {activations.seq}, checkpointing "
                       f"{'on' if activations.checkpointing else 'off'}): {size(activations.bytes)}", highlight=False)
     if verdict:
         console.print(verdict, highlight=False)
     return 0
+
+
+def count(n: int) -> str:
+    """A parameter count in the unit that keeps it readable: 7.0B, 218.1M, 45.1K, 96."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
 
 
 def run_plugins(args: argparse.Namespace) -> int:

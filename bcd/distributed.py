@@ -2,7 +2,7 @@
 
 - **FSDP2** (``torch.distributed.fsdp.fully_shard``): parameters are DTensors sharded on dim 0.
   bcd's master copies and solver state are made from them, so they are sharded alike: per rank
-  about (2M + 16M/D)/N bytes. Switching blocks only toggles ``requires_grad``; no re-wrapping.
+  about (2M + 16M/D)/N GB for M billion parameters. Switching blocks only toggles ``requires_grad``; no re-wrapping.
 - **DDP**: ``DistributedDataParallel(model, find_unused_parameters=True)``. Frozen parameters
   get no gradient and are reported unused, so the trainable set may change every K steps; DDP
   still all-reduces whole buckets, i.e. communication per step ~ the model.
@@ -19,7 +19,7 @@ the first step of every visit that the ranks' gradients agree (:func:`check_grad
 nothing averaging them is an error, not a silent drift.
 
 Saving: the optimizer's state holds one block, so :func:`full_state_dict` gathers it into plain
-tensors on every rank (cheap: 16M/D bytes at most), and ``load_state_dict`` re-shards it into
+tensors on every rank (cheap: 16M/D GB at most, for M billion parameters), and ``load_state_dict`` re-shards it into
 whatever the current parameters are. A checkpoint saved on N ranks loads on any number.
 """
 

@@ -364,9 +364,13 @@ def main() -> None:
     unknown = [m for m in wanted if m not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; accepted: {', '.join(METHODS)}")
+    import torch
+
     methods = []
     for method in wanted:
-        if available(method):
+        if method == "adalomo" and not torch.cuda.is_available():
+            print("note: adalomo skipped: lomo-optim's AdaLomo asserts CUDA")
+        elif available(method):
             methods.append(method)
         else:
             print(f"note: {method} skipped: package '{PACKAGES[method]}' is not installed (pip install -e '.[bench]')")
