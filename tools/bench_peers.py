@@ -311,18 +311,23 @@ def plots(report: dict, out: Path) -> None:
         plt.close(figure)
         return
     sizes = list(dict.fromkeys(r["size"] for r in runs))
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    width = 0.8 / len(sizes)
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
     for size_index, size in enumerate(sizes):
-        group = [r for r in runs if r["size"] == size]
-        x = [i + size_index * 0.4 for i in range(len(group))]
-        axes[0].bar(x, [1e3 * r["times"]["step"]["median"] for r in group], width=0.4, label=size)
-        axes[1].bar(x, [r["peak_rss"] / 2**30 for r in group], width=0.4, label=size)
-        for axis in axes:
-            axis.set_xticks([i + 0.2 for i in range(len(group))], [r["method"] for r in group], rotation=30)
+        by_method = {r["method"]: r for r in runs if r["size"] == size}
+        # Bars of one method sit side by side, centred on that method's tick.
+        x = [i + (size_index - (len(sizes) - 1) / 2) * width for i, m in enumerate(methods) if m in by_method]
+        done = [by_method[m] for m in methods if m in by_method]
+        axes[0].bar(x, [1e3 * r["times"]["step"]["median"] for r in done], width=width, label=size)
+        axes[1].bar(x, [r["peak_rss"] / 2**30 for r in done], width=width, label=size)
+    for axis in axes:
+        axis.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
     axes[0].set_ylabel("step time, ms (median)")
     axes[1].set_ylabel("peak RSS, GiB")
-    for axis in axes:
-        axis.legend(title="model")
+    # One legend above both panels, where it covers no bar.
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, title="model", loc="outside upper center", ncols=len(sizes))
     figure.savefig(out / "results.png", dpi=110)
     plt.close(figure)
 
