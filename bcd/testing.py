@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from bcd.blocks import Partition, trainable_parameters
+from bcd.construction import owner_of
 from bcd.contracts import check
 from bcd.optimizer import BlockCoordinateOptimizer
 
@@ -38,6 +39,9 @@ def free_port() -> int:
 def check_partitioner(partitioner: object, model: nn.Module, epochs: int = 3) -> list[Partition]:
     """A partitioner honours its contract on ``model``; returns its partitions for ``epochs`` block-epochs.
 
+    The candidates are the model's trainable parameters, or, when an optimizer drives the model
+    (and has frozen its inactive blocks), the ones that optimizer was built over.
+
     Checked: the Protocol (``partition``, ``dynamic``); a :class:`bcd.Partition` of candidate
     names only (disjoint and non-empty blocks, which ``Partition`` itself enforces); the same
     result when asked twice (a pure function); a static partitioner's result does not depend on
@@ -45,7 +49,9 @@ def check_partitioner(partitioner: object, model: nn.Module, epochs: int = 3) ->
     and it does not read or change ``requires_grad``.
     """
     check("partitioner", partitioner)
-    params = trainable_parameters(model)
+    # An optimizer driving the model has frozen all but its active block: use what it saw.
+    owner = owner_of(model)
+    params = dict(owner._candidates) if owner is not None else trainable_parameters(model)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     partitions = []
     for epoch in range(epochs):
@@ -65,15 +71,15 @@ def check_partitioner(partitioner: object, model: nn.Module, epochs: int = 3) ->
         partitions.append(first)
     for name, param in model.named_parameters():
         assert param.requires_grad == flags[name], f"the partitioner changed requires_grad of {name}"
-    # Any one of them must be frozen and the partition asked again: it must not read requires_grad.
     victim = next(iter(params.values()))
-    victim.requires_grad_(False)
+    # Flip one candidate's requires_grad and ask again: the partition must not read it.
+    victim.requires_grad_(not victim.requires_grad)
     try:
         assert partitioner.partition(model, params, 0).fingerprint() == partitions[0].fingerprint(), (
-            "the partition changed when a candidate was frozen: it must not read requires_grad"
+            "the partition changed when a candidate's requires_grad changed: it must not read requires_grad"
         )
     finally:
-        victim.requires_grad_(True)
+        victim.requires_grad_(not victim.requires_grad)
     return partitions
 
 
