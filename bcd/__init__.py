@@ -8,6 +8,7 @@ from bcd.events import BlockSwitch
 from bcd.hookspecs import hookimpl
 from bcd.optimizer import BlockCoordinateOptimizer, PrecisionNote
 from bcd.schedule import BlockSchedule
+from bcd.schedules import switch_warmup
 
 __all__ = [
     "BAdam",
@@ -22,6 +23,7 @@ __all__ = [
     "hookimpl",
     "memory",
     "plugins",
+    "switch_warmup",
     "testing",
 ]
 __version__ = "0.1.0"

