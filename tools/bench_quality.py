@@ -113,6 +113,7 @@ def run(method: str, task: str, lr: float, seed: int, args: argparse.Namespace) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=",".join(SWEEP), help=f"comma-separated, of {', '.join(SWEEP)}")
+    parser.add_argument("--rates", help="METHOD=LR/LR/...;... to sweep instead of the defaults, e.g. 'bcd=2e-4/4e-4'")
     parser.add_argument("--steps", type=int, default=192, help="optimizer steps per run (default 192)")
     parser.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
     parser.add_argument("--switch-every", type=int, default=8, help="K for bcd (default 8: 3 block-epochs of D = 8)")
@@ -126,6 +127,9 @@ def main() -> None:
     args = parser.parse_args()
     methods = args.methods.split(",")
     sweep = {m: SWEEP[m] for m in methods}
+    for item in filter(None, (args.rates or "").split(";")):
+        method, _, rates = item.partition("=")
+        sweep[method] = tuple(float(r) for r in rates.split("/"))
     if args.quick:
         args.steps, args.eval_every, args.seeds, args.dev_limit = 12, 6, 1, 100
         sweep = {m: rates[len(rates) // 2:][:1] for m, rates in sweep.items()}
