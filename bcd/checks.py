@@ -14,3 +14,14 @@ def positive_int(label: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"Invalid {label}: {value!r}; accepted: an integer >= 1.")
     return value
+
+
+def flag(label: str, value: Any) -> bool:
+    """``value`` if it is True or False (not 1, not ``"yes"``).
+
+    Raises:
+        ValueError: naming ``label``, the value received and what is accepted.
+    """
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {label}: {value!r}; accepted: True or False.")
+    return value

@@ -21,7 +21,7 @@ from torch import nn
 
 from bcd import checkpointing, contracts, distributed, plugins
 from bcd.blocks import Partition, trainable_parameters
-from bcd.checks import positive_int
+from bcd.checks import flag, positive_int
 from bcd.groups import outer_groups
 from bcd.precision import needs_master
 from bcd.schedule import BlockSchedule
@@ -140,12 +140,6 @@ class Composition:
     awaiting_wrapper: bool
 
 
-def _flag(label: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"Invalid {label}: {value!r}; accepted: True or False.")
-    return value
-
-
 def _options(label: str, value: Any) -> dict[str, Any]:
     if value is None:
         return {}
@@ -180,8 +174,8 @@ def compose(model: Any, candidates: dict[str, nn.Parameter] | None, *, lr: Any, 
         raise ValueError(f"Invalid model: {type(model).__name__}; accepted: a torch.nn.Module.")
     distributed.check_supported(model)
     positive_int("switch_every", switch_every)
-    _flag("no_decay", no_decay)
-    _flag("data_parallel", data_parallel)
+    flag("no_decay", no_decay)
+    flag("data_parallel", data_parallel)
     solver_options = _options("solver_options", solver_options)
     if lr is not None:
         if "lr" in solver_options:

@@ -92,7 +92,7 @@ def resolve(kind: str, spec: Any, options: Mapping[str, Any] | None) -> tuple[An
             breaks the Protocol.
     """
     if isinstance(spec, str):
-        if options is not None and not isinstance(options, Mapping):
+        if options is not None and not isinstance(options, Mapping):  # named as the user wrote it
             raise ValueError(f"Invalid {kind}_options: {options!r}; accepted: a dict of keyword options.")
         obj = plugins.create(kind, spec, dict(options or {}))
         name = spec

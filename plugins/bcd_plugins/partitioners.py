@@ -16,14 +16,13 @@ import torch
 from torch import nn
 
 from bcd.blocks import Block, Partition
-from bcd.checks import positive_int
+from bcd.checks import flag, positive_int
 from bcd.hookspecs import hookimpl
 from bcd.layers import find_layer_stacks
 
 
 def _flag(instance, attribute, value) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"Invalid {attribute.name}: {value!r}; accepted: True or False.")
+    flag(attribute.name, value)
 
 
 def _int(instance, attribute, value) -> None:
