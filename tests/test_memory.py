@@ -209,3 +209,13 @@ def test_every_preset_prints_a_full_table_with_default_flags(preset, capsys):
     out = capsys.readouterr().out
     rows = [line.split("│")[1].strip() for line in out.splitlines() if line.count("│") > 3]
     assert {"adam", "badam", "lora", "lomo"} <= set(rows), out
+
+
+def test_bcd_memory_is_reachable_from_a_bare_import_bcd():
+    """As docs/memory.md writes it, in a fresh process where nothing else imported the submodule."""
+    import subprocess
+    import sys
+
+    script = "import bcd; print(bcd.memory.measure.__name__, bcd.memory.estimate.__name__)"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["measure", "estimate"]
