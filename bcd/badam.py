@@ -53,7 +53,8 @@ class BAdam(BlockCoordinateOptimizer):
         include_head: train the head (final norm, output layer, rest) as a block of its own.
         no_decay: exempt biases and norm weights from weight decay.
         data_parallel: average the active block's gradients across ranks (see :mod:`bcd.distributed`).
-        **solver_options: further ``torch.optim.AdamW`` options (``foreach``, ``fused``, ``amsgrad``...).
+        **solver_options: further ``torch.optim.AdamW`` options (``foreach``, ``fused``, ``amsgrad``...);
+            ``fused=True`` is the default on CPU and CUDA unless you pass ``fused`` or ``foreach``.
     """
 
     def __init__(

@@ -94,3 +94,11 @@ def test_a_sparse_embedding_is_refused_at_construction():
     model = SparseModel()
     model.embed.requires_grad_(False)
     bcd.BlockCoordinateOptimizer(model, lr=0.1)  # frozen, it is no candidate: accepted
+
+
+def test_fused_kernels_by_default_and_the_users_choice_wins():
+    model = MLP()
+    assert bcd.BAdam(model).composition.solver_options["fused"] is True
+    assert "fused" not in bcd.BAdam(MLP(), foreach=True).composition.solver_options
+    assert bcd.BAdam(MLP(), fused=False).composition.solver_options["fused"] is False
+    assert "fused" not in bcd.BlockCoordinateOptimizer(MLP(), solver="sgd").composition.solver_options
