@@ -136,19 +136,29 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    runs = []
+    bcd.plugins.registry()  # load the plugins now, not in the middle of an hour-long run
+    # Each run is appended as it ends, and runs already there are not redone: a crash loses one run.
+    journal = out / "runs.jsonl"
+    runs = [json.loads(line) for line in journal.read_text().splitlines()] if journal.exists() else []
+
+    def once(method: str, task: str, lr: float, seed: int) -> None:
+        if any((r["method"], r["task"], r["lr"], r["seed"]) == (method, task, lr, seed) for r in runs):
+            return
+        print(f"{method} lr {lr:g} on {task}, seed {seed} ...", flush=True)
+        runs.append(run(method, task, lr, seed, args))
+        with journal.open("a") as handle:
+            handle.write(json.dumps(runs[-1]) + "\n")
+
     for method, rates in sweep.items():
         for lr in rates:
             for task in TASKS:
-                print(f"sweep: {method} lr {lr:g} on {task} ...", flush=True)
-                runs.append(run(method, task, lr, 0, args))
+                once(method, task, lr, 0)
     best = {m: max(rates, key=lambda lr: sum(r["accuracy"] for r in runs if (r["method"], r["lr"]) == (m, lr)))
             for m, rates in sweep.items()}
     for method, lr in best.items():
         for seed in range(1, args.seeds):
             for task in TASKS:
-                print(f"seeds: {method} lr {lr:g} on {task}, seed {seed} ...", flush=True)
-                runs.append(run(method, task, lr, seed, args))
+                once(method, task, lr, seed)
 
     rows, table = [], {}
     for method, lr in best.items():
