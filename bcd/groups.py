@@ -18,6 +18,8 @@ from torch import nn
 
 # Hyperparameters that must be >= 0 where the solver has them (torch checks them only as defaults).
 NON_NEGATIVE = ("lr", "eps", "weight_decay", "momentum", "dampening")
+# torch's Optional[bool] kernel choices: None means "torch decides" (a state dict saved on FSDP2 ranks has it).
+OPTIONAL_FLAGS = ("fused", "foreach")
 
 
 def _is_number(value: Any) -> bool:
@@ -50,8 +52,9 @@ def check_hyperparameters(where: str, hyper: Mapping[str, Any], defaults: Mappin
                 raise ValueError(
                     f"Invalid {where}: {key}={value!r}; accepted: {len(default)} numbers in [0, 1), like {default!r}."
                 )
-        elif isinstance(default, bool) and not isinstance(value, bool):
-            raise ValueError(f"Invalid {where}: {key}={value!r}; accepted: True or False.")
+        elif isinstance(default, bool) and not (isinstance(value, bool) or (value is None and key in OPTIONAL_FLAGS)):
+            accepted = "True, False or None" if key in OPTIONAL_FLAGS else "True or False"
+            raise ValueError(f"Invalid {where}: {key}={value!r}; accepted: {accepted}.")
 
 
 def outer_groups(
