@@ -69,19 +69,21 @@ class ActiveBlock:
         """Release the current block and make ``block`` trainable, with fresh solver state to come."""
         self.release()
         self.block = block
-        self.params = [self.candidates[n] for n in block.param_names]
-        for param in self.params if not self.deferred() else ():
-            param.requires_grad_(True)
+        self._unfreeze()
         if self.data_parallel:
             self.sync_handles.extend(distributed.gradient_sync_hooks(self.params))
+
+    def _unfreeze(self) -> None:
+        """The block's parameters, read from the candidates, made trainable (unless deferred)."""
+        self.params = [self.candidates[n] for n in self.block.param_names]
+        for param in self.params if not self.deferred() else ():
+            param.requires_grad_(True)
 
     def adopt(self, current: Mapping[str, nn.Parameter]) -> None:
         """Re-read the candidates by name (a wrapper replaced them), then freeze all but the block."""
         self.candidates = distributed.adopt(self.candidates, current)
         self.freeze_all()
-        self.params = [self.candidates[n] for n in self.block.param_names]
-        for param in self.params:
-            param.requires_grad_(True)
+        self._unfreeze()
 
     def ensure_solver(
         self,

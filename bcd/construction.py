@@ -162,7 +162,7 @@ def fast_kernels(factory: Callable[..., Any], options: dict[str, Any], candidate
     base = factory.func if isinstance(factory, functools.partial) else factory
     chosen = set(options) | set(getattr(factory, "keywords", None) or {})
     if base in FUSED_SOLVERS and not {"fused", "foreach"} & chosen and all(
-            p.device.type in ("cpu", "cuda") and p.is_floating_point() and not hasattr(p, "device_mesh")
+            p.device.type in ("cpu", "cuda") and p.is_floating_point() and not distributed.sharded(p)
             for p in candidates.values()):
         return {**options, "fused": True}
     return options

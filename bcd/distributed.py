@@ -81,8 +81,13 @@ def world_size() -> int:
     return int(value) if value.isdigit() and int(value) > 0 else 1
 
 
+def sharded(tensor: Any) -> bool:
+    """Whether ``tensor`` is a DTensor (FSDP2's sharded parameters, their gradients and states)."""
+    return hasattr(tensor, "device_mesh")
+
+
 def _is_fsdp2(model: nn.Module) -> bool:
-    return any(hasattr(p, "device_mesh") for p in model.parameters())
+    return any(sharded(p) for p in model.parameters())
 
 
 def expects_wrapper(model: nn.Module, data_parallel: bool) -> bool:
@@ -210,7 +215,7 @@ def check_gradients_agree(params: Iterable[torch.Tensor], block: str) -> None:
             "the gradients. Accepted: torch.distributed.init_process_group and a DDP or FSDP2 wrapper, data_parallel="
             "True, or the Trainer / accelerate, which do both."
         )
-    grads = [p.grad for p in params if p.grad is not None and not hasattr(p, "device_mesh")]
+    grads = [p.grad for p in params if p.grad is not None and not sharded(p)]
     device = grads[0].device if grads else torch.device("cuda" if dist.get_backend() == "nccl" else "cpu")
     local = torch.zeros(2, dtype=torch.float64, device=device)
     for grad in grads:
@@ -263,7 +268,7 @@ def like(saved: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     A plain tensor whose shape is the DTensor's global shape is distributed over the target's
     mesh; anything else is returned as is.
     """
-    if hasattr(target, "device_mesh") and not hasattr(saved, "device_mesh") and tuple(saved.shape) == tuple(target.shape):
+    if sharded(target) and not sharded(saved) and tuple(saved.shape) == tuple(target.shape):
         from torch.distributed.tensor import distribute_tensor
 
         return distribute_tensor(saved.to(target.dtype), target.device_mesh, target.placements)
