@@ -2,9 +2,12 @@
 
 Activating a block unfreezes its parameters (``requires_grad=True``) and freezes the previous
 one's (``requires_grad=False``, ``grad=None``), so autograd computes no weight gradient for
-frozen blocks and stops below the lowest active parameter. The master copies and the inner solver
-are built at the visit's first step, from the weights as they are then, and dropped at the
-switch: dropping them is what frees their memory (no ``gc.collect()``, no ``empty_cache()``).
+frozen blocks and stops below the lowest active parameter. A row block makes its whole tensor
+trainable (autograd has no finer switch) and zeroes the other rows' gradient as backward
+produces it, so what clipping and logging see is the block's gradient. The master copies and the
+inner solver are built at the visit's first step, from the weights as they are then, in fp32
+buffers kept across visits (:mod:`bcd.buffers`); the solver is dropped at the switch (no
+``gc.collect()``, no ``empty_cache()``).
 """
 
 from __future__ import annotations
@@ -18,8 +21,45 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from bcd import distributed
-from bcd.blocks import Block
-from bcd.precision import MasterCopies
+from bcd.blocks import Block, Partition, entry_shape, parse_entry
+from bcd.buffers import Buffers, prefill, rehome
+from bcd.precision import GRADIENT_CHUNK, MasterCopies, needs_master
+
+
+def plan_buffers(partition: Partition, candidates: Mapping[str, nn.Parameter]) -> dict[tuple[str, torch.device], int]:
+    """fp32 elements per ``(kind, device)`` for the partition's largest block: what :class:`Buffers` allocates once."""
+    planned: dict[tuple[str, torch.device], int] = {}
+    for block in partition:
+        need: dict[tuple[str, torch.device], int] = {}
+        for entry in block.param_names:
+            param = candidates[parse_entry(entry)[0]]
+            numel = torch.Size(entry_shape(entry, candidates)).numel()
+            if distributed.sharded(param):
+                continue
+            need[("moments", param.device)] = need.get(("moments", param.device), 0) + 2 * numel
+            if needs_master(param):
+                need[("masters", param.device)] = need.get(("masters", param.device), 0) + numel
+                # Adam and AdamW cast large gradients in chunks; another solver grows the buffer on demand.
+                need[("gradient", param.device)] = max(need.get(("gradient", param.device), 0), min(numel, GRADIENT_CHUNK))
+        for key, numel in need.items():
+            planned[key] = max(planned.get(key, 0), numel)
+    return planned
+
+
+def _zero_other_rows(spans: list[tuple[int, int]]) -> Callable[[torch.Tensor], None]:
+    """A post-accumulate-grad hook that zeroes every gradient row outside ``spans``."""
+    spans = sorted(spans)
+
+    def hook(param: torch.Tensor) -> None:
+        if param.grad is None:
+            return
+        with torch.no_grad():
+            start = 0
+            for a, b in spans + [(param.shape[0], param.shape[0])]:
+                if start < a:
+                    param.grad[start:a].zero_()
+                start = b
+    return hook
 
 
 def remove_all(handles: list[RemovableHandle]) -> None:
@@ -39,17 +79,21 @@ class ActiveBlock:
             trainable until a wrapper's first forward, see :class:`bcd.distributed.WrapperWait`).
     """
 
-    def __init__(self, candidates: dict[str, nn.Parameter], data_parallel: bool, deferred: Callable[[], bool]) -> None:
+    def __init__(self, candidates: dict[str, nn.Parameter], data_parallel: bool, deferred: Callable[[], bool],
+                 buffers: Buffers | None = None) -> None:
         self.candidates = candidates
         self.data_parallel = data_parallel
         self.deferred = deferred
+        self.buffers = buffers if buffers is not None else Buffers()
         self.block: Block | None = None
         self.params: list[nn.Parameter] = []
         self.masters: MasterCopies | None = None
         self.solver: torch.optim.Optimizer | None = None
         self.solver_group_index: list[int] = []
         self.sync_handles: list[RemovableHandle] = []
+        self.row_handles: list[RemovableHandle] = []
         weakref.finalize(self, remove_all, self.sync_handles)
+        weakref.finalize(self, remove_all, self.row_handles)
 
     def freeze_all(self) -> None:
         """Freeze every candidate."""
@@ -63,6 +107,7 @@ class ActiveBlock:
             param.requires_grad_(False)
             param.grad = None
         remove_all(self.sync_handles)
+        remove_all(self.row_handles)
         self.params, self.solver, self.masters = [], None, None
 
     def activate(self, block: Block) -> None:
@@ -75,9 +120,17 @@ class ActiveBlock:
 
     def _unfreeze(self) -> None:
         """The block's parameters, read from the candidates, made trainable (unless deferred)."""
-        self.params = [self.candidates[n] for n in self.block.param_names]
+        self.params = [self.candidates[n] for n in self.block.tensor_names]
         for param in self.params if not self.deferred() else ():
             param.requires_grad_(True)
+        remove_all(self.row_handles)
+        spans: dict[str, list[tuple[int, int]]] = {}
+        for entry in self.block.param_names:
+            name, rows = parse_entry(entry)
+            if rows is not None:
+                spans.setdefault(name, []).append(rows)
+        for name, rows in spans.items():
+            self.row_handles.append(self.candidates[name].register_post_accumulate_grad_hook(_zero_other_rows(rows)))
 
     def adopt(self, current: Mapping[str, nn.Parameter]) -> None:
         """Re-read the candidates by name (a wrapper replaced them), then freeze all but the block."""
@@ -101,12 +154,18 @@ class ActiveBlock:
         if self.solver is not None:
             return
         names: Sequence[str] = self.block.param_names
-        self.masters = MasterCopies(self.params, names)
+        entries = [(entry, self.candidates[parse_entry(entry)[0]], parse_entry(entry)[1]) for entry in names]
+        self.masters = MasterCopies(entries, self.buffers)
         groups, self.solver_group_index = groups_for(dict(zip(names, self.masters.solver_params)))
         self.solver = factory(groups, **options)
+        prefill(self.solver, self.buffers)
+
+    def load_solver_state(self, solver_state: Mapping[str, Any], masters: Mapping[str, torch.Tensor]) -> None:
+        """Load a checked solver state and master copies into this visit's solver (built first)."""
+        self.solver.load_state_dict(distributed.reshard_solver_state(solver_state, self.solver))
+        rehome(self.solver, self.buffers)
+        self.masters.load_state_dict(masters)
 
     def step(self) -> None:
         """One solver step on the masters from the block's gradients, rounded back into the model."""
-        self.masters.grads_in()
-        self.solver.step()
-        self.masters.write_back()
+        self.masters.step(self.solver)

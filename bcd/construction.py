@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from bcd import checkpointing, contracts, distributed, plugins
-from bcd.blocks import Partition, trainable_parameters
+from bcd.blocks import Partition, check_rows, parse_entry, trainable_parameters
 from bcd.checks import flag, positive_int
 from bcd.groups import outer_groups
 from bcd.precision import needs_master
@@ -108,11 +108,19 @@ def check_partition(partition: Any, name: str, candidates: Mapping[str, nn.Param
     """
     if not isinstance(partition, Partition):
         raise ValueError(f"Invalid partition from partitioner {name!r}: {type(partition).__name__}; accepted: a bcd.Partition.")
-    unknown = [n for n in partition.param_names if n not in candidates]
+    unknown = [n for n in partition.tensor_names if n not in candidates]
     if unknown:
         raise ValueError(
             f"Invalid partition from partitioner {name!r}: {unknown[:5]} are not trainable parameters of the model; "
             "a block may only hold parameters that require grad."
+        )
+    check_rows(partition, candidates)
+    split = sorted({parse_entry(e)[0] for e in partition.param_names if parse_entry(e)[1] is not None})
+    if any(distributed.sharded(candidates[n]) for n in split):
+        raise ValueError(
+            f"Unsupported partition from partitioner {name!r}: row blocks of sharded (FSDP2) parameters, e.g. "
+            f"{split[0]!r}. Accepted: whole tensors per block with FSDP2 (partitioner option max_block_params=None "
+            "with a partitioner that does not split, or a limit above the largest tensor), or row blocks without sharding."
         )
     if first is not None and epoch > 0 and (
             set(partition.param_names) != set(first.param_names) or len(partition) != len(first)):
@@ -227,7 +235,7 @@ def compose(model: Any, candidates: dict[str, nn.Parameter] | None, *, lr: Any, 
             f"Invalid solver {solver_name!r}: its factory returned {type(probe).__name__}; accepted: a torch.optim.Optimizer."
         )
     defaults = dict(probe.defaults)
-    built_groups = outer_groups(candidates, partition.param_names, no_decay, groups, defaults)
+    built_groups = outer_groups(candidates, partition.tensor_names, no_decay, groups, defaults)
     checkpointing.check(model)
     return Composition(
         candidates=candidates, partitioner=partitioner_obj, partitioner_name=partitioner_name, partition=partition,

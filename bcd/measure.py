@@ -64,8 +64,9 @@ def measure(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) ->
     """Bytes really held by ``model`` and ``optimizer`` (a bcd optimizer or any torch one).
 
     Each storage counts once, in the first category that holds it: parameters, master copies
-    (tensors the solver updates that are not model parameters), gradients, solver state.
-    Sharded parameters count their local shard.
+    (tensors the solver updates that are not model parameters), gradients, solver state, then
+    bcd's buffers kept across visits (:mod:`bcd.buffers`) by their kind. Sharded parameters count
+    their local shard.
     """
     seen: set[tuple[str, int]] = set()
 
@@ -101,6 +102,11 @@ def measure(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) ->
     state_bytes = 0
     if solver is not None:
         state_bytes = claim(t for state in solver.state.values() for t in state.values())
+    # bcd's fp32 buffers are held across visits, also between a switch and the next step.
+    kept = optimizer.buffers.by_category() if hasattr(getattr(optimizer, "buffers", None), "by_category") else {}
+    master_bytes += claim(kept.get("master_copies", ()))
+    gradient_bytes += claim(kept.get("gradients", ()))
+    state_bytes += claim(kept.get("solver_state", ()))
     cuda_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     return LiveMemory(parameters=parameters, gradients=gradient_bytes, solver_state=state_bytes,
                       master_copies=master_bytes, cuda_peak=cuda_peak)

@@ -3,15 +3,18 @@ r"""Memory accounting: estimates before training, exact measurement during it.
 Categories, in bytes:
 
 - **weights**: the model's parameters, in their dtype;
-- **gradients**: held at the moment the solver steps (for bcd: the active block's fp32
-  gradients; the bf16 ones are freed as they are cast);
+- **gradients**: held at the moment the solver steps (for bcd: the active block's bf16
+  gradients, whole tensors also for row blocks, and one reused fp32 gradient buffer, see
+  :mod:`bcd.precision`);
 - **solver state**: the inner solver's tensors (Adam: :math:`m`, :math:`v` and a step counter per
   tensor);
 - **master copies**: fp32 copies of low-precision parameters.
 
-For an M-parameter bf16 model split into D equal blocks, BAdam holds
+For an M-parameter bf16 model split into D equal blocks, the paper counts BAdam at
 :math:`2M + 16M/D` bytes (weights, then master + gradient + :math:`m` + :math:`v` for one block);
-the real peak is set by the **largest** block, which the estimate names. Mixed-precision Adam
+bcd streams the step, so a block of ``m`` parameters whose largest tensor has ``t`` elements
+costs :math:`14m + 4t` instead of :math:`16m`. The real peak is set by the **largest** block,
+which the estimate names; by default no block is larger than a transformer layer. Mixed-precision Adam
 holds :math:`2M` (weights) + :math:`2M` (gradients) + :math:`4M` (masters) + :math:`8M` (states).
 """
 
@@ -29,12 +32,13 @@ from torch import nn
 from bcd import plugins
 from bcd.checks import positive_int
 from bcd.measure import Breakdown, LiveMemory, measure
-from bcd.precision import needs_master
+from bcd.blocks import block_numel, entry_numel, parse_entry
+from bcd.buffers import PREFILLED
+from bcd.precision import GRADIENT_CHUNK, needs_master, streams
 
 __all__ = ["Breakdown", "LiveMemory", "MemoryEstimate", "estimate", "estimate_activations", "format_size", "measure",
            "parse_size"]
 METHODS = ("adam", "badam", "lora", "lomo")
-BADAM_PARTITION_OPTIONS = {"include_embedding": False, "include_head": False}
 
 
 @attrs.frozen(kw_only=True)
@@ -99,8 +103,8 @@ class MemoryEstimate:
 
 
 @functools.lru_cache(maxsize=32)
-def _solver_state_cost(solver: str, options: tuple[tuple[str, Any], ...]) -> tuple[int, int]:
-    """Bytes of solver state as ``(per element, per tensor)``, learnt by running the solver.
+def _solver_state_cost(solver: str, options: tuple[tuple[str, Any], ...]) -> tuple[int, int, str]:
+    """Bytes of solver state as ``(per element, per tensor)``, and how bcd streams its step.
 
     Any solver plugin works: it takes one step on fp32 tensors of two sizes and the two unknowns
     follow from the state it then holds.
@@ -113,7 +117,9 @@ def _solver_state_cost(solver: str, options: tuple[tuple[str, Any], ...]) -> tup
         optimizer.step()
         held.append(_tensor_bytes(t for state in optimizer.state.values() for t in state.values()))
     per_element = (held[1] - held[0]) // 1000
-    return per_element, held[0] - per_element
+    # How much fp32 gradient bcd casts at once: a chunk (Adam, AdamW), a tensor (other torch solvers), a block.
+    return per_element, held[0] - per_element, "chunk" if type(optimizer) in PREFILLED else (
+        "tensor" if streams(optimizer) else "block")
 
 
 def _tensor_bytes(values: Iterable[Any]) -> int:
@@ -132,15 +138,30 @@ def _shard(count: int, world_size: int) -> int:
     return -(-count // world_size)
 
 
-def _block_cost(params: Sequence[nn.Parameter], per_element: int, per_tensor: int, world_size: int = 1) -> Breakdown:
-    numel = sum(p.numel() for p in params)
-    low = sum(p.numel() for p in params if needs_master(p))
+def _fp32_gradient(blocks: Sequence[Sequence[str]], params: Mapping[str, torch.Tensor], streamed: str) -> int:
+    """Elements of the fp32 gradient buffer, kept across visits (:mod:`bcd.precision`): one chunk
+    of the largest low-precision entry, that entry, or the largest block's low-precision part."""
+    low = [[entry_numel(e, params) for e in entries if needs_master(params[parse_entry(e)[0]])] for entries in blocks]
+    if streamed == "block":
+        return max((sum(n) for n in low), default=0)
+    largest = max((max(n, default=0) for n in low), default=0)
+    return min(largest, GRADIENT_CHUNK) if streamed == "chunk" else largest
+
+
+def _block_cost(entries: Sequence[str], params: Mapping[str, torch.Tensor], per_element: int, per_tensor: int,
+                fp32_gradient: int, world_size: int = 1) -> Breakdown:
+    """Bytes of training the block of ``entries`` (names or row entries), beside the weights.
+
+    A partly active tensor (a row block) holds its whole gradient in the model's dtype; low-precision
+    entries have fp32 masters and share one fp32 gradient buffer of ``fp32_gradient`` elements.
+    """
+    tensors = {parse_entry(e)[0]: params[parse_entry(e)[0]] for e in entries}
+    sizes = [(entry_numel(e, params), needs_master(params[parse_entry(e)[0]])) for e in entries]
     return Breakdown(
-        # Low-precision gradients are cast to fp32 for the step; others are held in their dtype.
-        gradients=_shard(4 * low + sum(p.numel() * p.element_size() for p in params if not needs_master(p)), world_size),
+        gradients=_shard(sum(p.numel() * p.element_size() for p in tensors.values()) + 4 * fp32_gradient, world_size),
         # Per-tensor state (Adam's step counter) is a scalar that every rank keeps whole.
-        solver_state=_shard(per_element * numel, world_size) + per_tensor * len(params),
-        master_copies=_shard(4 * low, world_size),
+        solver_state=_shard(per_element * sum(n for n, _ in sizes), world_size) + per_tensor * len(entries),
+        master_copies=_shard(4 * sum(n for n, low in sizes if low), world_size),
     )
 
 
@@ -200,7 +221,8 @@ def estimate(
         model: the model, in the dtype it will train in.
         methods: any of ``adam`` (mixed precision when the model is bf16/fp16), ``badam``,
             ``lora``, ``lomo``.
-        partitioner: BAdam's partitioner; its options default to BAdam's (layers only).
+        partitioner: BAdam's partitioner; its options default to its own (``layer``: every
+            parameter, embedding and head split into row blocks no larger than a layer).
         partitioner_options: options for it.
         solver: the inner solver (also Adam's and LoRA's optimizer), ``adamw`` by default.
         solver_options: its options (they can change its state, e.g. ``amsgrad``).
@@ -222,12 +244,12 @@ def estimate(
     all_params = list(params.values())
     total = sum(p.numel() for p in all_params)
     weights = _shard(sum(p.numel() * p.element_size() for p in all_params), world_size)
-    per_element, per_tensor = _solver_state_cost(solver, _hashable(solver_options))
+    per_element, per_tensor, streamed = _solver_state_cost(solver, _hashable(solver_options))
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in all_params})
     results = []
     for method in methods:
         if method == "adam":
-            cost = _block_cost(all_params, per_element, per_tensor, world_size)
+            cost = _block_cost(list(params), params, per_element, per_tensor, 0, world_size)
             # Full-parameter training keeps low-precision gradients in the model's dtype.
             gradients = _shard(sum(p.numel() * p.element_size() for p in all_params), world_size)
             results.append(MethodEstimate(
@@ -236,21 +258,24 @@ def estimate(
                 note=f"{solver} over all parameters; fp32 masters for low-precision ones",
             ))
         elif method == "badam":
-            options = (BADAM_PARTITION_OPTIONS if partitioner == "layer" else {}) if partitioner_options is None \
-                else partitioner_options
+            options = partitioner_options or {}
             partition = plugins.create("partitioner", partitioner, dict(options)).partition(model, params, 0)
+            buffer = _fp32_gradient([b.param_names for b in partition], params, streamed)
             figures = tuple(
                 BlockFigure(
                     name=block.name,
-                    params=sum(params[n].numel() for n in block.param_names),
-                    bytes=_block_cost([params[n] for n in block.param_names], per_element, per_tensor, world_size),
+                    params=block_numel(block, params),
+                    bytes=_block_cost(block.param_names, params, per_element, per_tensor, buffer, world_size),
                 )
                 for block in partition
             )
             largest = max(figures, key=lambda f: f.bytes.total)
+            # bcd's fp32 buffers are sized once for the largest need of each kind (bcd.buffers).
+            peak = Breakdown(weights=weights, **{k: max(getattr(f.bytes, k) for f in figures)
+                                                  for k in ("gradients", "solver_state", "master_copies")})
             results.append(MethodEstimate(
                 method="badam",
-                breakdown=attrs.evolve(largest.bytes, weights=weights),
+                breakdown=peak,
                 note=f"{partitioner} partition, D={len(figures)}; peak set by block {largest.name!r}",
                 blocks=figures,
                 largest_block=largest.name,

@@ -27,7 +27,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from bcd import checkpointing, distributed, state
-from bcd.activation import ActiveBlock, remove_all
+from bcd.activation import ActiveBlock, plan_buffers, remove_all
+from bcd.buffers import Buffers
 from bcd.blocks import Block, Partition
 from bcd.construction import (Composition, PrecisionNote, check_partition, check_unreplaced, claim, compose, owner_of,
                               refuse_copy, warn_if_fp32)
@@ -100,7 +101,8 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         self._model, self.data_parallel = model, data_parallel
         self.partition, self.schedule = plan.partition, plan.schedule
         self._group_names = [names for _, names in plan.groups]
-        self._block = ActiveBlock(plan.candidates, data_parallel, lambda: self._wait is not None and self._wait.pending)
+        self._block = ActiveBlock(plan.candidates, data_parallel, lambda: self._wait is not None and self._wait.pending,
+                                  Buffers(plan_buffers(plan.partition, plan.candidates)))
         self._switch_hooks: dict[int, Callable[[BlockCoordinateOptimizer, BlockSwitch], None]] = collections.OrderedDict()
         self._model_hooks: list[RemovableHandle] = []
         self._closed: str | None = None
@@ -138,6 +140,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         "The inner solver over the active block; None until the visit's first step (built then, so weights "
         "loaded after a switch or after construction are what the fp32 master copies start from)."))
     master_copies = property(lambda self: self._block.masters, doc="The active block's master copies; None like solver.")
+    buffers = property(lambda self: self._block.buffers, doc="The fp32 buffers kept across visits (bcd.buffers.Buffers).")
 
     def register_block_switch_hook(self, hook: Callable[[BlockCoordinateOptimizer, BlockSwitch], None]) -> RemovableHandle:
         """Call ``hook(optimizer, event)`` at every block activation (start, switch, resume); returns a removable handle."""
@@ -154,6 +157,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
     def _adopt(self, current: dict[str, nn.Parameter]) -> None:
         """The wrapper is in place: re-read the parameters by name, freeze all but the active block."""
         self._block.adopt(current)
+        check_partition(self.partition, self.composition.partitioner_name, self._candidates, 0)  # rows of sharded tensors
         for group, names in zip(self.param_groups, self._group_names):
             group["params"] = [self._candidates[n] for n in names]
 
@@ -187,7 +191,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
                 loss = closure()
         if self._wait is not None:
             self._wait.start()
-        check_unreplaced(self._model, self._candidates, self.active_block.param_names)
+        check_unreplaced(self._model, self._candidates, self.active_block.tensor_names)
         if self._wait is not None and self._block.solver is None:
             # At each visit's first step (one all-gather of two numbers): a wrapper the optimizer
             # could not see at construction must average this block's gradients too.
@@ -265,15 +269,14 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = pre_hook(self, state_dict) or state_dict
         restore = state.check(state_dict, self)
-        check_unreplaced(self._model, self._candidates, restore.partition[restore.schedule.active].param_names)
+        check_unreplaced(self._model, self._candidates, restore.partition[restore.schedule.active].tensor_names)
         for group, hyper in zip(self.param_groups, restore.group_hyperparameters):
             group.update(hyper)
         self.partition, self.schedule, self.switches = restore.partition, restore.schedule, restore.switches
         self._activate(reason="resume")
         if restore.solver_state is not None:
             self._ensure_solver()
-            self._block.solver.load_state_dict(distributed.reshard_solver_state(restore.solver_state, self._block.solver))
-            self._block.masters.load_state_dict(restore.master_copies)
+            self._block.load_solver_state(restore.solver_state, restore.master_copies)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 

@@ -1,10 +1,21 @@
-"""fp32 master copies of the active block's low-precision parameters.
+"""fp32 master copies of the active block, and the step that streams its gradients through them.
 
-With the model in bf16/fp16, the active block's parameters get fp32 copies; the inner solver
-updates those, from gradients cast to fp32, and the result is written back to the model rounded
-to its dtype. Memory for a block of ``m`` parameters is then ``4m`` (master) ``+ 4m`` (fp32
-gradient) ``+ 8m`` (Adam's two moments), the ``16M/D`` of the paper's ``2M + 16M/D``.
-fp32 (and fp64) parameters are their own master: the solver updates them in place.
+With the model in bf16/fp16, the active block's parameters (or rows of them, for a row block)
+get fp32 copies; the inner solver updates those, from gradients cast to fp32, and the result is
+written back to the model rounded to its dtype. fp32 (and fp64) parameters are their own master:
+the solver updates them (or a view of their rows) in place.
+
+Streaming. torch's optimizers update each tensor from its own gradient and state alone, so the
+solver can be stepped one tensor at a time (the others' gradients unset, which torch skips) with
+the same arithmetic as one step over all. bcd does that for ``torch.optim`` solvers: each bf16
+gradient is cast into one reused fp32 buffer, stepped, rounded back and freed before the next,
+so the block never holds its whole fp32 gradient. For Adam and AdamW, whose state bcd creates
+itself (:mod:`bcd.buffers`), a large tensor is even stepped in row chunks of at most
+:data:`GRADIENT_CHUNK` elements (views of its master and moments, the step count advanced once),
+so the fp32 gradient buffer is 64 MB whatever the model. For a block of ``m`` parameters the
+peak is then ``2m`` (bf16 gradients) ``+ 4m`` (masters) ``+ 8m`` (Adam's moments) and one
+chunk: under the paper's ``16m``. Solvers that are not torch's are stepped once over the
+whole block, with its whole fp32 gradient.
 """
 
 from __future__ import annotations
@@ -14,9 +25,12 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from bcd.buffers import PREFILLED, Buffers, views
 from bcd.distributed import like
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+#: Elements of fp32 gradient cast at a time when Adam or AdamW is stepped in row chunks (64 MB).
+GRADIENT_CHUNK = 2**24
 
 
 def needs_master(param: torch.Tensor) -> bool:
@@ -24,54 +38,152 @@ def needs_master(param: torch.Tensor) -> bool:
     return param.dtype in LOW_PRECISION
 
 
-class MasterCopies:
-    """The tensors the inner solver updates for one block: fp32 copies or the parameters themselves.
+def streams(solver: torch.optim.Optimizer) -> bool:
+    """Whether ``solver`` updates each tensor independently, so it may be stepped tensor by tensor.
 
-    Works for plain tensors and for sharded DTensors alike: it only ever uses ``.to``,
-    ``.copy_`` and ``.grad``, which act shard by shard.
+    True for torch's own optimizers but LBFGS (which couples every tensor through its closure);
+    a plugin's solver is stepped once over the block, the safe choice for any arithmetic.
+    """
+    return type(solver).__module__.startswith("torch.optim") and not isinstance(solver, torch.optim.LBFGS)
+
+
+def _rows(tensor: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:
+    return tensor if rows is None else tensor[rows[0]:rows[1]]
+
+
+class MasterCopies:
+    """The tensors the inner solver updates for one block: fp32 copies, parameters or views of their rows.
+
+    Works for plain tensors and for sharded DTensors (whole tensors only) alike: it only uses
+    ``.to``, ``.copy_``, slicing and ``.grad``.
 
     Args:
-        params: the active block's parameters.
-        names: their qualified names, for state dicts.
+        entries: ``(entry name, parameter, row range or None)`` for each entry of the block.
+        buffers: where low-precision masters live across visits; None allocates them afresh.
     """
 
-    def __init__(self, params: Sequence[nn.Parameter], names: Sequence[str]) -> None:
-        self.params = list(params)
-        self.names = list(names)
+    def __init__(self, entries: Sequence[tuple[str, nn.Parameter, tuple[int, int] | None]],
+                 buffers: Buffers | None = None) -> None:
+        self.names = [name for name, _, _ in entries]
+        self.rows = [rows for _, _, rows in entries]
+        self.sources = [param for _, param, _ in entries]
+        #: The distinct parameters the block touches.
+        self.params = list({id(p): p for p in self.sources}.values())
+        self.buffers = buffers
+        low = [i for i, p in enumerate(self.sources) if needs_master(p)]
+        shapes = [_rows(self.sources[i], self.rows[i]).shape for i in low]
+        copies: list[torch.Tensor] = []
+        if low and buffers is not None and not any(hasattr(self.sources[i], "device_mesh") for i in low):
+            device = self.sources[low[0]].device
+            if all(self.sources[i].device == device for i in low):
+                copies = views(buffers.take("masters", device, sum(s.numel() for s in shapes)), shapes)
+                for view, i in zip(copies, low):
+                    view.copy_(_rows(self.sources[i].detach(), self.rows[i]))
+        if low and not copies:
+            copies = [_rows(self.sources[i].detach(), self.rows[i]).to(torch.float32) for i in low]
+        by_index = dict(zip(low, copies))
         self.solver_params: list[torch.Tensor] = [
-            p.detach().to(torch.float32) if needs_master(p) else p for p in self.params
+            by_index[i] if i in by_index else (p if rows is None else p.detach()[rows[0]:rows[1]])
+            for i, (p, rows) in enumerate(zip(self.sources, self.rows))
         ]
 
-    def pairs(self):
-        """``(param, master)`` for each parameter that has a separate master copy."""
-        return ((p, m) for p, m in zip(self.params, self.solver_params) if m is not p)
+    def _is_copy(self, index: int) -> bool:
+        return needs_master(self.sources[index])
 
-    def grads_in(self) -> None:
-        """Move each low-precision gradient to its master as fp32 and free the original."""
-        for param, master in self.pairs():
-            if param.grad is None:
-                # No gradient this step (e.g. an unused MoE expert): the solver skips it.
-                master.grad = None
-            else:
-                master.grad = param.grad.to(torch.float32)
-                param.grad = None
+    def _gradient(self, index: int, grad: torch.Tensor, buffer: bool) -> torch.Tensor:
+        """The solver tensor's gradient: the parameter's (rows), in fp32, in the reused buffer when asked."""
+        grad = _rows(grad, self.rows[index])
+        if not self._is_copy(index):
+            return grad
+        if buffer and self.buffers is not None and not hasattr(grad, "device_mesh"):
+            return self.buffers.take("gradient", grad.device, grad.numel()).view(grad.shape).copy_(grad)
+        return grad.to(torch.float32)
 
     @torch.no_grad()
-    def write_back(self) -> None:
-        """Round updated masters into the model and free their fp32 gradients."""
-        for param, master in self.pairs():
-            if master.grad is not None:
-                param.copy_(master)
+    def _write_back(self, index: int) -> None:
+        if self._is_copy(index):
+            _rows(self.sources[index].detach(), self.rows[index]).copy_(self.solver_params[index])
+
+    def step(self, solver: torch.optim.Optimizer) -> None:
+        """One solver step from the parameters' gradients, rounded back into the model.
+
+        Low-precision gradients are freed once read (the model's ``.grad`` is None after the
+        step); an fp32 parameter keeps its gradient, as with any torch optimizer. An entry with no
+        gradient (an unused MoE expert) is skipped.
+        """
+        grads = {id(p): p.grad for p in self.params}
+        remaining = {id(p): sum(s is p for s in self.sources) for p in self.params}
+        if not streams(solver):
+            for index, param in enumerate(self.sources):
+                grad = grads[id(param)]
+                self.solver_params[index].grad = None if grad is None else self._gradient(index, grad, buffer=False)
+            for param in self.params:
+                param.grad = None if needs_master(param) else param.grad
+            solver.step()
+            for index, master in enumerate(self.solver_params):
+                if master is not self.sources[index]:  # a copy or a view of rows: not the model's own gradient
+                    if master.grad is not None:
+                        self._write_back(index)
+                    master.grad = None
+            return
+        # fp32 parameters are their own solver tensor: unset their gradients so the solver sees one at a time.
+        for param in self.params:
+            if not needs_master(param):
+                param.grad = None
+        for index, param in enumerate(self.sources):
+            grad = grads[id(param)]
+            if grad is not None and self._chunked(solver, index):
+                self._step_in_chunks(solver, index, _rows(grad, self.rows[index]))
+            elif grad is not None:
+                master = self.solver_params[index]
+                master.grad = self._gradient(index, grad, buffer=True)
+                solver.step()
                 master.grad = None
+                self._write_back(index)
+            remaining[id(param)] -= 1
+            if not remaining[id(param)] and needs_master(param):
+                param.grad = None  # its last entry is done: free the low-precision gradient now
+        for param in self.params:
+            if not needs_master(param):
+                param.grad = grads[id(param)]
+
+    def _chunked(self, solver: torch.optim.Optimizer, index: int) -> bool:
+        master = self.solver_params[index]
+        return (type(solver) in PREFILLED and self._is_copy(index) and self.buffers is not None and master.ndim >= 1
+                and master.numel() > GRADIENT_CHUNK and master in solver.state and not hasattr(master, "device_mesh"))
+
+    def _step_in_chunks(self, solver: torch.optim.Optimizer, index: int, grad: torch.Tensor) -> None:
+        """Step one large entry a few rows at a time: each chunk's master and moments are views,
+        its fp32 gradient a part of one buffer; every chunk starts from the same step count."""
+        master = self.solver_params[index]
+        state = solver.state[master]
+        group = next(g for g in solver.param_groups if any(p is master for p in g["params"]))
+        position = next(i for i, p in enumerate(group["params"]) if p is master)
+        rows = max(1, GRADIENT_CHUNK // max(1, master[0].numel()))
+        scalars: dict[str, torch.Tensor] = {}
+        try:
+            for start in range(0, master.shape[0], rows):
+                view = master[start:start + rows]
+                view.grad = self.buffers.take("gradient", grad.device, view.numel()).view(view.shape)
+                view.grad.copy_(grad[start:start + rows])
+                solver.state[view] = {k: (v[start:start + rows] if v.ndim else v.clone()) for k, v in state.items()}
+                group["params"][position] = view
+                solver.step()
+                scalars = {k: v for k, v in solver.state.pop(view).items() if not v.ndim}
+                view.grad = None
+        finally:
+            group["params"][position] = master
+        state.update(scalars)
+        self._write_back(index)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The master copies by parameter name (fp32 parameters are not included: the model holds them)."""
-        return {name: m for name, p, m in zip(self.names, self.params, self.solver_params) if m is not p}
+        """The master copies by entry name (fp32 parameters are not included: the model holds them)."""
+        return {name: m for i, (name, m) in enumerate(zip(self.names, self.solver_params)) if self._is_copy(i)}
 
     @torch.no_grad()
     def load_state_dict(self, masters: Mapping[str, torch.Tensor]) -> None:
         """Restore saved masters and write them, rounded, into the model."""
-        for name, param, master in zip(self.names, self.params, self.solver_params):
-            if master is not param:
+        for index, (name, master) in enumerate(zip(self.names, self.solver_params)):
+            if self._is_copy(index):
                 master.copy_(like(masters[name], master))
-                param.copy_(master)
+                self._write_back(index)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import torch
 
-from bcd.blocks import Partition
+from bcd.blocks import Partition, entry_shape, parse_entry
 from bcd.contracts import options_of
 from bcd.groups import check_hyperparameters
 from bcd.precision import needs_master
@@ -49,28 +49,34 @@ def _fail(message: str) -> None:
 def solver_groups(
     param_groups: Sequence[Mapping[str, Any]], group_names: Sequence[Sequence[str]], tensors: Mapping[str, torch.Tensor]
 ) -> tuple[list[dict[str, Any]], list[int]]:
-    """The inner solver's groups over ``tensors`` (the active block's, by name) and their outer group indices."""
+    """The inner solver's groups over ``tensors`` (the active block's, by entry) and their outer group indices.
+
+    A row entry ``"w[a:b]"`` belongs to the group of its tensor ``w``.
+    """
+    by_tensor: dict[str, list[torch.Tensor]] = {}
+    for entry, tensor in tensors.items():
+        by_tensor.setdefault(parse_entry(entry)[0], []).append(tensor)
     groups, indices = [], []
     for index, (group, names) in enumerate(zip(param_groups, group_names)):
-        members = [tensors[n] for n in names if n in tensors]
+        members = [t for n in names for t in by_tensor.get(n, ())]
         if members:
             groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": members})
             indices.append(index)
     return groups, indices
 
 
-def _check_masters(saved: Any, expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _check_masters(saved: Any, expected: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
     if not isinstance(saved, Mapping) or set(saved) != set(expected):
         got = sorted(saved)[:4] if isinstance(saved, Mapping) else type(saved).__name__
         _fail(
             f"master_copies hold {got!r}, the active block's low-precision parameters are {sorted(expected)[:4]!r}; "
             "it was saved for another block, or with another model dtype."
         )
-    for name, param in expected.items():
+    for name, shape in expected.items():
         master = saved[name]
-        if not isinstance(master, torch.Tensor) or master.dtype != torch.float32 or tuple(master.shape) != tuple(param.shape):
+        if not isinstance(master, torch.Tensor) or master.dtype != torch.float32 or tuple(master.shape) != tuple(shape):
             got = f"{master.dtype} {tuple(master.shape)}" if isinstance(master, torch.Tensor) else repr(master)
-            _fail(f"master_copies[{name!r}] is {got}; accepted: torch.float32 {tuple(param.shape)}.")
+            _fail(f"master_copies[{name!r}] is {got}; accepted: torch.float32 {tuple(shape)}.")
     return dict(saved)
 
 
@@ -78,7 +84,7 @@ def _check_solver_state(saved: Any, optimizer: BlockCoordinateOptimizer, groups:
                         block_names: Sequence[str]) -> dict[str, Any]:
     if not isinstance(saved, Mapping) or not isinstance(saved.get("state"), Mapping) or "param_groups" not in saved:
         _fail(f"solver_state is {type(saved).__name__} without 'state' and 'param_groups'; accepted: a solver state_dict().")
-    meta = {n: torch.empty(optimizer._candidates[n].shape, device="meta") for n in block_names}
+    meta = {n: torch.empty(entry_shape(n, optimizer._candidates), device="meta") for n in block_names}
     probe_groups, _ = solver_groups(groups, optimizer._group_names, meta)
     params = [p for g in probe_groups for p in g["params"]]
     for key, entry in saved["state"].items():
@@ -177,7 +183,8 @@ def check(saved: Any, optimizer: BlockCoordinateOptimizer) -> Restore:
     solver_state, masters = saved["solver_state"], {}
     if solver_state is not None:
         solver_state = _check_solver_state(solver_state, optimizer, groups, block.param_names)
-        expected = {n: optimizer._candidates[n] for n in block.param_names if needs_master(optimizer._candidates[n])}
+        expected = {n: entry_shape(n, optimizer._candidates) for n in block.param_names
+                    if needs_master(optimizer._candidates[parse_entry(n)[0]])}
         masters = _check_masters(saved["master_copies"], expected)
     elif saved["master_copies"]:
         _fail("master_copies are given but solver_state is None; accepted: both or neither (before a visit's first step).")

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from bcd.blocks import Partition, trainable_parameters
+from bcd.blocks import Block, Partition, check_rows, parse_entry, trainable_parameters
 from bcd.construction import owner_of
 from bcd.contracts import check
 from bcd.optimizer import BlockCoordinateOptimizer
@@ -57,8 +57,9 @@ def check_partitioner(partitioner: object, model: nn.Module, epochs: int = 3) ->
     for epoch in range(epochs):
         first = partitioner.partition(model, params, epoch)
         assert isinstance(first, Partition), f"block-epoch {epoch}: got {type(first).__name__}, not a bcd.Partition"
-        unknown = set(first.param_names) - set(params)
+        unknown = set(first.tensor_names) - set(params)
         assert not unknown, f"block-epoch {epoch}: not candidates: {sorted(unknown)[:5]}"
+        check_rows(first, params)
         again = partitioner.partition(model, params, epoch)
         assert again.fingerprint() == first.fingerprint(), f"block-epoch {epoch}: not a pure function of its inputs"
         if partitions:
@@ -100,6 +101,16 @@ def check_ordering(ordering: object, num_blocks: int, epochs: int = 4) -> list[l
     return orders
 
 
+def _active_rows(block: Block) -> dict[str, list[tuple[int, int]]]:
+    """The row ranges of each partly active tensor of ``block``."""
+    rows: dict[str, list[tuple[int, int]]] = {}
+    for entry in block.param_names:
+        name, span = parse_entry(entry)
+        if span is not None:
+            rows.setdefault(name, []).append(span)
+    return rows
+
+
 def check_invariants(
     model: nn.Module,
     optimizer: BlockCoordinateOptimizer,
@@ -109,8 +120,9 @@ def check_invariants(
     """Train ``steps`` steps and check bcd's invariants at each (by default three block-epochs' worth).
 
     Checked at every step: only the active block requires grad and receives a gradient; only
-    its parameters change, and they do; inactive parameters are bit-identical; the solver and
-    the master copies exist for the active block only, and not yet right after a switch.
+    its parameters change, and they do; inactive parameters and the inactive rows of a row block
+    are bit-identical; the solver and the master copies exist for the active block only, and not
+    yet right after a switch.
 
     Args:
         model: the model the optimizer was built over.
@@ -122,7 +134,8 @@ def check_invariants(
     steps = steps if steps is not None else 3 * optimizer.switch_every * len(optimizer.blocks)
     previous_block, previous_solver = None, None
     for step in range(steps):
-        active = set(optimizer.active_block.param_names)
+        active = set(optimizer.active_block.tensor_names)
+        rows = _active_rows(optimizer.active_block)
         for name, param in params.items():
             assert param.requires_grad == (name in active), f"step {step}: {name} requires_grad={param.requires_grad}"
         if optimizer.active_block != previous_block:
@@ -142,4 +155,9 @@ def check_invariants(
         previous_solver = optimizer.solver
         changed = {n for n, p in params.items() if not torch.equal(p, before[n])}
         assert changed <= active, f"step {step}: inactive parameters changed: {sorted(changed - active)[:5]}"
+        for name, spans in rows.items():
+            keep = torch.ones(params[name].shape[0], dtype=torch.bool)
+            for a, b in spans:
+                keep[a:b] = False
+            assert torch.equal(params[name][keep], before[name][keep]), f"step {step}: inactive rows of {name} changed"
         assert changed, f"step {step}: the active block {optimizer.active_block.name} did not move"

@@ -9,6 +9,7 @@ import torch
 
 import bcd
 from bcd import memory
+from bcd.blocks import entry_numel
 from bcd.cli import main
 from bcd.presets import PRESETS, build_model, load_config
 
@@ -19,66 +20,73 @@ def within(value: float, expected: float, tolerance: float = 0.03) -> bool:
     return abs(value - expected) <= tolerance * expected
 
 
-def test_llama_2_7b_reproduces_the_papers_table_4():
-    report = memory.estimate(build_model(load_config("llama-2-7b")), methods=["adam", "badam"])
+def test_llama_2_7b_reproduces_the_papers_table_4_and_gets_under_it():
+    model = build_model(load_config("llama-2-7b"))
+    layers_only = {"include_embedding": False, "include_head": False}
+    report = memory.estimate(model, methods=["adam", "badam"], partitioner_options=layers_only)
     adam, badam = report.method("adam").breakdown, report.method("badam")
     gb = 1e9
     assert within(adam.weights / gb, 13.4)
     assert within(adam.gradients / gb, 13.4)
     # Mixed-precision Adam's "optimizer states" in the paper: m, v and the fp32 master copy.
     assert within((adam.solver_state + adam.master_copies) / gb, 80.4)
-    # BAdam, one transformer layer: fp32 gradient and m, v (its master copy, 0.8 GB, is listed apart).
-    assert within(badam.breakdown.gradients / gb, 0.8)
+    # BAdam, one transformer layer: m, v and the master copy as in the paper (1.6 and 0.8 GB) ...
     assert within(badam.breakdown.solver_state / gb, 1.6)
     assert within(badam.breakdown.master_copies / gb, 0.8)
     assert badam.largest_block == "model.layers.0" and len(badam.blocks) == 32
+    # ... but the paper's 0.8 GB fp32 gradient is the layer's bf16 gradient (2 x 202.4M) and one
+    # 64 MB fp32 buffer, the step being streamed in chunks.
+    layer = 202_383_360
+    assert badam.breakdown.gradients == 2 * layer + 4 * 2**24
+    assert badam.breakdown.total - badam.breakdown.weights < 16 * layer
+    # The default trains every parameter: D = 34, embedding and head smaller than a layer.
+    full = memory.estimate(model, methods=["badam"]).method("badam")
+    assert len(full.blocks) == 34 and full.blocks[0].name == "embedding" and full.largest_block == "model.layers.0"
+    assert full.breakdown == badam.breakdown and full.breakdown.total < full.paper_formula
 
 
-def test_the_largest_block_sets_the_peak_and_is_named():
+def test_the_largest_block_sets_the_peak_and_row_blocks_bound_it():
     model = build_model(load_config("llama-3-8b"))
-    report = memory.estimate(model, methods=["badam"], partitioner_options={})
-    badam = report.method("badam")
-    assert badam.largest_block == "head"
-    head = next(f for f in badam.blocks if f.name == "head")
+    unsplit = memory.estimate(model, methods=["badam"], partitioner_options={"max_block_params": 10**12}).method("badam")
+    assert unsplit.largest_block == "head"
+    head = next(f for f in unsplit.blocks if f.name == "head")
     assert head.params == 128256 * 4096 + 4096
-    assert badam.breakdown.total > badam.paper_formula  # the uneven block costs more than the average
+    assert unsplit.breakdown.total > unsplit.paper_formula  # the uneven block costs more than the average
+    badam = memory.estimate(model, methods=["badam"]).method("badam")
+    layer = next(f for f in badam.blocks if f.name == "model.layers.0").params
+    names = [f.name for f in badam.blocks]
+    assert names[:3] == ["embedding/0", "embedding/1", "embedding/2"] and names[-3:] == ["head/0", "head/1", "head/2"]
+    assert all(f.params <= layer for f in badam.blocks) and len(badam.blocks) == 38
+    # A head row block holds the whole bf16 head gradient: it sets the gradient peak, a layer the rest.
+    assert badam.breakdown.gradients == 2 * (128256 * 4096 + 4096) + 4 * 2**24
+    assert badam.breakdown.solver_state == 8 * layer + 4 * 9 and badam.breakdown.master_copies == 4 * layer
+    assert badam.breakdown.total < 20 * 10**9 < 23 * 10**9 < unsplit.breakdown.total
 
 
 def test_live_measure_equals_an_independent_count_and_the_estimate():
     case = CASES["llama"]
     model = case.model(dtype=torch.bfloat16)
     optimizer = bcd.BAdam(model, lr=1e-3, switch_every=10, order="ascending")
-    during_step = {}
-
-    def record(solver, args, kwargs):
-        during_step["live"] = memory.measure(model, optimizer)
-
+    params = dict(model.named_parameters())
     case.loss(model, 0).backward()
     optimizer.step()  # the solver and master copies exist from the visit's first step on
     optimizer.zero_grad()
     case.loss(model, 1).backward()
-    handle = optimizer.solver.register_step_pre_hook(record)
-    optimizer.step()
-    handle.remove()
-    live = during_step["live"]
-
-    block = [dict(model.named_parameters())[n] for n in optimizer.active_block.param_names]
-    numel = sum(p.numel() for p in block)
-    # Independent count: the tensors as we know them to be held.
+    live = memory.measure(model, optimizer)
+    block = optimizer.active_block
+    tensors = [params[n] for n in block.tensor_names]
+    # Independent count: the model, the block's bf16 gradients (whole tensors), the buffers as planned.
+    sizes = [[entry_numel(e, params) for e in b.param_names] for b in optimizer.blocks]
     assert live.parameters == {"bfloat16": 2 * sum(p.numel() for p in model.parameters())}
-    assert live.master_copies == 4 * numel
-    assert live.gradients == 4 * numel  # fp32 gradients of the block; the bf16 ones were freed
-    assert live.solver_state == 8 * numel + 4 * len(block)
-    after = memory.measure(model, optimizer)
-    assert after.gradients == 0 and after.master_copies == 4 * numel
-    assert after.solver_state == sum(
-        t.numel() * t.element_size() for s in optimizer.solver.state.values() for t in s.values()
-    ) == 8 * numel + 4 * len(block)
-
+    assert live.master_copies == 4 * max(sum(s) for s in sizes)
+    assert live.gradients == 2 * sum(p.numel() for p in tensors) + 4 * max(max(s) for s in sizes)
+    assert live.solver_state == 8 * max(sum(s) for s in sizes) + 4 * len(block.param_names)
     estimate = memory.estimate(model, methods=["badam"]).method("badam").breakdown
     assert estimate.weights == sum(live.parameters.values())
-    assert (estimate.gradients, estimate.master_copies) == (live.gradients, live.master_copies)
-    assert estimate.solver_state == after.solver_state
+    assert (estimate.master_copies, estimate.solver_state) == (live.master_copies, live.solver_state)
+    optimizer.step()
+    after = memory.measure(model, optimizer)  # the bf16 gradients were freed as they were cast
+    assert after.gradients == 4 * max(max(s) for s in sizes)
 
 
 def test_measure_counts_shared_storage_once_and_works_for_torch_optimizers():
@@ -154,10 +162,11 @@ def test_cli_json_and_budget_verdict(capsys):
 
 
 def test_cli_table_names_the_largest_block(capsys):
-    assert main(["memory", "--preset", "llama-3-8b", "--method", "badam", "--partition-option", "include_embedding=true",
-                 "--partition-option", "include_head=true"]) == 0
-    out = capsys.readouterr().out
-    assert "the largest, head (525.3M parameters" in out
+    assert main(["memory", "--preset", "llama-3-8b", "--method", "badam", "--partition-option",
+                 "max_block_params=1000000000000"]) == 0
+    assert "the largest, head (525.3M parameters" in capsys.readouterr().out
+    assert main(["memory", "--preset", "llama-3-8b", "--method", "badam"]) == 0
+    assert "D = 38 blocks; the largest, head/0 (175.1M parameters" in capsys.readouterr().out
 
 
 def test_tensorboard_memory_logger(tmp_path):

@@ -1,0 +1,128 @@
+"""fp32 memory kept across block visits: master copies, one gradient, Adam's moments.
+
+Allocating a block's fp32 tensors afresh at every switch costs time where it hurts most (page
+faults on the CPU, allocator churn and fragmentation on CUDA) and gains nothing: the next block
+needs about as much. :class:`Buffers` holds one flat fp32 tensor per kind and device, sized for
+the largest block of the partition and grown if a later block needs more; a visit's tensors are
+views into it. What a visit gets is the same as a fresh allocation would give (masters are
+copied in, moments zeroed), so the arithmetic is unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+
+#: The kinds of buffer, and the :func:`bcd.measure.measure` category each one counts in.
+KINDS = {"masters": "master_copies", "gradient": "gradients", "moments": "solver_state"}
+# Solvers whose state bcd may create in its own buffers: every per-element entry starts at zero
+# (Adam's m, v and AMSGrad's max v) and the step count is a scalar that starts at zero.
+PREFILLED = (torch.optim.Adam, torch.optim.AdamW)
+
+
+class Buffers:
+    """Flat fp32 tensors by ``(kind, device)``, handed out as views and kept across visits.
+
+    Args:
+        planned: the size to allocate for each ``(kind, device)`` at its first use (the
+            partition's largest need), so the buffer is allocated once.
+    """
+
+    def __init__(self, planned: Mapping[tuple[str, torch.device], int] | None = None) -> None:
+        self.planned = dict(planned or {})
+        self.flat: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def take(self, kind: str, device: torch.device, numel: int) -> torch.Tensor:
+        """A 1-D fp32 view of ``numel`` elements of the ``kind`` buffer on ``device`` (contents undefined)."""
+        key = (kind, torch.device(device))
+        flat = self.flat.get(key)
+        if flat is None or flat.numel() < numel:
+            # Drop the old one first, so that growing never holds both.
+            self.flat.pop(key, None)
+            flat = self.flat[key] = torch.empty(max(numel, self.planned.get(key, 0)), device=device)
+        return flat[:numel]
+
+    def by_category(self) -> dict[str, list[torch.Tensor]]:
+        """The buffers held, by :func:`bcd.measure.measure` category."""
+        held: dict[str, list[torch.Tensor]] = {}
+        for (kind, _), flat in self.flat.items():
+            held.setdefault(KINDS[kind], []).append(flat)
+        return held
+
+
+def views(flat: torch.Tensor, shapes: Sequence[torch.Size]) -> list[torch.Tensor]:
+    """Consecutive views of ``flat`` with the given shapes."""
+    out, offset = [], 0
+    for shape in shapes:
+        numel = shape.numel()
+        out.append(flat[offset:offset + numel].view(shape))
+        offset += numel
+    return out
+
+
+def _template(solver: torch.optim.Optimizer, group: Mapping, device: torch.device) -> dict[str, torch.Tensor | None]:
+    """The state the solver creates for one tensor of ``group``: None marks a per-element entry.
+
+    Learnt from a throwaway solver of the same class and options stepped once with a zero
+    gradient (which leaves Adam's moments at zero); its step count is set back to zero.
+    """
+    probe_param = torch.zeros(1, device=device)
+    probe_param.grad = torch.zeros(1, device=device)
+    probe = type(solver)([probe_param])
+    probe.param_groups[0].update({k: v for k, v in group.items() if k != "params"})
+    probe.step()
+    return {key: None if value.ndim else torch.zeros_like(value)
+            for key, value in probe.state[probe_param].items()}
+
+
+def prefill(solver: torch.optim.Optimizer, buffers: Buffers) -> None:
+    """Create ``solver``'s state in ``buffers`` (zeroed views), for torch's Adam and AdamW only.
+
+    Other solvers, and sharded (DTensor) parameters, get their state at the first step, as usual.
+    """
+    if type(solver) not in PREFILLED or any(hasattr(p, "device_mesh") for g in solver.param_groups for p in g["params"]):
+        return
+    templates: dict[tuple[int, torch.device], dict[str, torch.Tensor | None]] = {}
+    totals: dict[torch.device, int] = {}
+    for index, group in enumerate(solver.param_groups):
+        for param in group["params"]:
+            key = (index, param.device)
+            if key not in templates:
+                templates[key] = _template(solver, group, param.device)
+            per_element = sum(value is None for value in templates[key].values())
+            totals[param.device] = totals.get(param.device, 0) + per_element * param.numel()
+    # One take per device, before any view is handed out: growing later would strand earlier views.
+    flats = {device: buffers.take("moments", device, numel) for device, numel in totals.items()}
+    offsets = dict.fromkeys(flats, 0)
+    for index, group in enumerate(solver.param_groups):
+        for param in group["params"]:
+            state = {}
+            for key, value in templates[(index, param.device)].items():
+                if value is None:
+                    start = offsets[param.device]
+                    offsets[param.device] = start + param.numel()
+                    state[key] = flats[param.device][start:start + param.numel()].view(param.shape).zero_()
+                else:
+                    state[key] = value.clone()
+            solver.state[param] = state
+
+
+def rehome(solver: torch.optim.Optimizer, buffers: Buffers) -> None:
+    """Move a loaded solver state back into ``buffers`` (``load_state_dict`` allocates its own tensors)."""
+    if type(solver) not in PREFILLED or any(hasattr(p, "device_mesh") for g in solver.param_groups for p in g["params"]):
+        return
+    loaded: Iterable[tuple[torch.Tensor, dict]] = [(p, solver.state[p]) for g in solver.param_groups for p in g["params"]
+                                                  if p in solver.state]
+    offsets: dict[torch.device, int] = {}
+    plan = []
+    for param, state in loaded:
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.ndim:
+                start = offsets.get(value.device, 0)
+                offsets[value.device] = start + value.numel()
+                plan.append((state, key, value, start))
+    flats = {device: buffers.take("moments", device, numel) for device, numel in offsets.items()}
+    for state, key, value, start in plan:
+        view = flats[value.device][start:start + value.numel()].view(value.shape)
+        state[key] = view.copy_(value)
