@@ -6,7 +6,8 @@ BAdam = ``layer`` partition + an ordering + ``adamw`` inner solver, K steps per 
 
     BlockCoordinateOptimizer(
         model, lr=lr, switch_every=K,
-        partitioner="layer", partitioner_options={"include_embedding": False, "include_head": False},
+        partitioner="layer", partitioner_options={"include_embedding": True, "include_head": True,
+                                                  "max_block_params": max_block_params},
         order="random", order_options={"seed": seed},
         solver="adamw", solver_options={"betas": betas, "eps": eps, "weight_decay": weight_decay},
     )
@@ -28,9 +29,11 @@ class BAdam(BlockCoordinateOptimizer):
 
     Defaults and where they come from:
 
-    - blocks: one per transformer layer, embedding and head frozen (``include_embedding=False``,
-      ``include_head=False``): the paper's layer-wise partition, D = number of layers (D = 32 for
-      Llama 2-7B). Set them True to train those too, as blocks of their own.
+    - blocks: every trainable parameter, one block per transformer layer plus the embedding and
+      the head (final norm, output layer, classifier) as blocks of their own, each split into row
+      blocks where it is larger than a layer (``max_block_params``): D = 34 for Llama 2-7B, 38 for
+      Llama 3-8B. ``include_embedding=False`` / ``include_head=False`` freeze those instead (the
+      paper's layer-only partition, D = number of layers).
     - ``order="random"``: Algorithm 1 draws a fresh order each block-epoch (random
       reshuffling); ``"ascending"``, ``"descending"`` and ``"fixed"`` are the alternatives.
     - ``switch_every=100``: K, Adam steps per block visit.
@@ -49,8 +52,11 @@ class BAdam(BlockCoordinateOptimizer):
         eps: Adam's epsilon.
         seed: seed of the random order (only with ``order="random"``; default 0).
         start_block: index or name of the first block.
-        include_embedding: train the embedding as a block of its own.
-        include_head: train the head (final norm, output layer, rest) as a block of its own.
+        include_embedding: train the embedding as a block of its own (default); False freezes it.
+        include_head: train the head (final norm, output layer, rest) as a block of its own
+            (default); False freezes it.
+        max_block_params: the most parameters a block may hold; default (None) the largest
+            layer's. Larger blocks are split by rows.
         no_decay: exempt biases and norm weights from weight decay.
         data_parallel: average the active block's gradients across ranks (see :mod:`bcd.distributed`).
         **solver_options: further ``torch.optim.AdamW`` options (``foreach``, ``fused``, ``amsgrad``...);
@@ -69,8 +75,9 @@ class BAdam(BlockCoordinateOptimizer):
         eps: float = 1e-8,
         seed: int | None = None,
         start_block: int | str | None = None,
-        include_embedding: bool = False,
-        include_head: bool = False,
+        include_embedding: bool = True,
+        include_head: bool = True,
+        max_block_params: int | None = None,
         no_decay: bool = False,
         data_parallel: bool = False,
         **solver_options: Any,
@@ -85,7 +92,8 @@ class BAdam(BlockCoordinateOptimizer):
             lr=lr,
             switch_every=switch_every,
             partitioner="layer",
-            partitioner_options={"include_embedding": include_embedding, "include_head": include_head},
+            partitioner_options={"include_embedding": include_embedding, "include_head": include_head,
+                                 "max_block_params": max_block_params},
             order=order,
             order_options=order_options,
             solver="adamw",

@@ -71,9 +71,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES), help=f"training dtype of the model: {', '.join(DTYPES)} (default bf16)")
     parser.add_argument("--partition", default="layer", help="BAdam's partitioner (default layer)")
     parser.add_argument("--partition-option", action="append", metavar="KEY=VALUE",
-                        help="an option for the partitioner, repeatable; JSON values. Defaults for layer: "
-                             "'memory' follows bcd.BAdam (include_embedding=false include_head=false), "
-                             "'profile' profiles every block (both true)")
+                        help="an option for the partitioner, repeatable; JSON values. The layer partitioner's "
+                             "defaults are bcd.BAdam's: every parameter, no block larger than a layer "
+                             "(include_embedding=true include_head=true max_block_params=null)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -124,8 +124,7 @@ def run_profile(args: argparse.Namespace) -> int:
     device = profiler.check_device(args.device)
     config = load_config(args.preset, args.config)
     model = build_model(config, dtype=parse_dtype(args.dtype), device=device)
-    options = {"include_embedding": True, "include_head": True} if args.partition == "layer" else {}
-    options.update(_options(args.partition_option, "--partition-option"))
+    options = _options(args.partition_option, "--partition-option")
     console = Console(width=max(Console().width, 170))
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("profiling", total=None)

@@ -192,8 +192,7 @@ def finetune(
         use_cpu=not torch.cuda.is_available(), activation_checkpointing=gradient_checkpointing,
         disable_tqdm=not progress, dataloader_num_workers=0,
     )
-    optimizer = badam_from_training_args(model, args, switch_every=switch_every, order=order, seed=seed,
-                                         include_embedding=True, include_head=True)
+    optimizer = badam_from_training_args(model, args, switch_every=switch_every, order=order, seed=seed)
     # Our own TensorBoard callback with its folder set: the Trainer's, first used by an evaluation
     # before train(), would open a writer with no folder (./runs/<date>_<host> under the cwd).
     tensorboard_dir = Path(output_dir).absolute() / "tensorboard"

@@ -283,8 +283,6 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Only used while constructing: the groups follow the partition, fixed for a run."""
         if hasattr(self, "schedule"):
-            raise ValueError(
-                "BlockCoordinateOptimizer does not take parameter groups after construction; "
-                "pass groups=... when building it."
-            )
+            raise ValueError("BlockCoordinateOptimizer does not take parameter groups after construction; "
+                             "pass groups=... when building it.")
         super().add_param_group(param_group)

@@ -40,8 +40,7 @@ def run(name: str, steps: int = 300) -> dict[str, object]:
     if name == "adamw":
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     else:
-        optimizer = bcd.BAdam(model, lr=1e-3, weight_decay=0.01, switch_every=25, include_embedding=True,
-                              include_head=True, no_decay=True)
+        optimizer = bcd.BAdam(model, lr=1e-3, weight_decay=0.01, switch_every=25, no_decay=True)
     generator = torch.Generator().manual_seed(1)
     peak = 0
     start = time.perf_counter()

@@ -70,7 +70,7 @@ def main() -> None:
         forward = trained = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     else:
         forward = trained = model
-    optimizer = bcd.BAdam(trained, lr=1e-3, switch_every=5, include_embedding=True, include_head=True,
+    optimizer = bcd.BAdam(trained, lr=1e-3, switch_every=5,
                           data_parallel=args.mode == "bcd")
     if accelerator is not None:
         forward, optimizer = accelerator.prepare(model, optimizer)

@@ -49,8 +49,7 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     model = tiny_llama(layers=args.layers, max_positions=128, dtype=torch.bfloat16)
-    optimizer = bcd.BAdam(model, lr=args.lr, switch_every=args.switch_every, seed=args.seed,
-                          include_embedding=True, include_head=True)
+    optimizer = bcd.BAdam(model, lr=args.lr, switch_every=args.switch_every, seed=args.seed)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.steps)
     data = batches(sentences(2000, args.seed), batch=8, seq=64, seed=args.seed)
 

@@ -58,8 +58,7 @@ def optimizer_for(method: str, model, lr: float, args: argparse.Namespace):
     if method in ("bcd", "bcd-warmup"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", bcd.PrecisionNote)  # fp32 on purpose here
-            optimizer = bcd.BAdam(model, lr=lr, switch_every=args.switch_every, weight_decay=0.01, no_decay=True,
-                                  include_embedding=True, include_head=True, seed=args.seed_order)
+            optimizer = bcd.BAdam(model, lr=lr, switch_every=args.switch_every, weight_decay=0.01, no_decay=True, seed=args.seed_order)
         scheduler = bcd.switch_warmup(optimizer, steps=args.warmup_steps) if method == "bcd-warmup" else None
         return model, optimizer, scheduler
     if method == "lora":
