@@ -44,8 +44,9 @@ def roundtrip(obj):
         ("descending", "layer", {}),
         ("random", "layer", {}),
         ("random", "random-subset", {"num_blocks": 3, "seed": 2, "redraw": True}),
+        ("random", "layer", {"max_block_params": 300}),
     ],
-    ids=["ascending", "descending", "random", "random-subset-redraw"],
+    ids=["ascending", "descending", "random", "random-subset-redraw", "random-row-blocks"],
 )
 def test_resume_mid_block_is_bit_identical(order, partitioner, options, dtype):
     case = CASES["llama"]
@@ -71,15 +72,17 @@ def test_resume_mid_block_is_bit_identical(order, partitioner, options, dtype):
 
 
 def test_resume_in_a_fresh_process(tmp_path):
-    """The checkpoint files are all a new process needs."""
+    """The checkpoint files are all a new process needs: row blocks (cast in chunks), mid-block, random order."""
     script = textwrap.dedent(
         f"""
-        import sys, torch, bcd
+        import sys, torch, bcd, bcd.precision
         sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})
         from conftest import CASES, train
         from test_resume import make
+        bcd.precision.GRADIENT_CHUNK = 40
         case = CASES["gpt2"]
-        model, optimizer = make(case, torch.bfloat16, "random")
+        model, optimizer = make(case, torch.bfloat16, "random", "layer", {{"max_block_params": 500}})
+        assert any("[" in entry for entry in optimizer.blocks.param_names)
         if sys.argv[1] == "save":
             train(model, optimizer, case, 4)
             torch.save(model.state_dict(), sys.argv[2] + "/model.pt")

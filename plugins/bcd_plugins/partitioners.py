@@ -20,7 +20,7 @@ import attrs
 import torch
 from torch import nn
 
-from bcd.blocks import Block, Partition, block_numel
+from bcd.blocks import Block, Partition, block_numel, parse_entry
 from bcd.checks import flag, positive_int
 from bcd.hookspecs import hookimpl
 from bcd.layers import find_layer_stacks
@@ -229,8 +229,8 @@ class ExplicitPartitioner:
     """A partition spelled out by the user.
 
     Args:
-        blocks: ``{block name: [names or fnmatch patterns]}``, or a list of such lists (blocks
-            then are named ``block.0`` ...). Every trainable parameter must match exactly one
+        blocks: ``{block name: [names, fnmatch patterns or row entries "name[a:b]"]}``, or a list
+            of such lists (blocks then are named ``block.0`` ...). Every trainable parameter must match exactly one
             block, and every pattern must match something; freeze what you do not want trained
             (``requires_grad=False``) before building the optimizer.
         max_block_params: split blocks larger than this many elements (default: no limit).
@@ -264,7 +264,10 @@ class ExplicitPartitioner:
                 patterns = [patterns]
             members[block_name] = []
             for pattern in patterns:
-                hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+                base, rows = parse_entry(pattern)
+                # "name[a:b]": rows of one tensor, named exactly (the ranges must tile it, checked later).
+                hits = [pattern] if rows is not None and base in params else [
+                    n for n in names if fnmatch.fnmatchcase(n, pattern)]
                 if not hits:
                     raise ValueError(
                         f"Invalid explicit partition: pattern {pattern!r} of block {block_name!r} matches no "
@@ -279,7 +282,8 @@ class ExplicitPartitioner:
                     if name not in owner:
                         owner[name] = block_name
                         members[block_name].append(name)
-        missing = [n for n in names if n not in owner]
+        split = {parse_entry(e)[0] for e in owner if parse_entry(e)[1] is not None}
+        missing = [n for n in names if n not in owner and n not in split]
         if missing:
             raise ValueError(
                 f"Invalid explicit partition: {len(missing)} trainable parameter(s) are in no block, e.g. "
@@ -288,7 +292,8 @@ class ExplicitPartitioner:
         # Parameters keep model order inside a block, whatever the order of the patterns.
         order = {n: i for i, n in enumerate(names)}
         return _limited(Partition(
-            tuple(Block(name=b, param_names=sorted(m, key=order.__getitem__)) for b, m in members.items())
+            tuple(Block(name=b, param_names=sorted(m, key=lambda e: (order[parse_entry(e)[0]], parse_entry(e)[1] or ())))
+                  for b, m in members.items())
         ), params, self.max_block_params)
 
 

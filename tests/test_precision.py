@@ -1,0 +1,133 @@
+"""Row blocks, the streamed step and the kept buffers, against hand-written loops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bcd
+from bcd import precision
+from bcd.blocks import parse_entry
+
+from conftest import CASES
+
+K = 2
+LR = 1e-2
+
+
+def row_partition(model: torch.nn.Module) -> bcd.Partition:
+    """The embedding in three row blocks, the rest one block per tensor."""
+    names = [n for n, _ in model.named_parameters()]
+    embedding = names[0]
+    rows = model.get_parameter(embedding).shape[0]
+    cuts = [0, rows // 3, 2 * rows // 3, rows]
+    groups = {f"rows.{i}": [f"{embedding}[{a}:{b}]"] for i, (a, b) in enumerate(zip(cuts, cuts[1:]))}
+    groups.update({name: [name] for name in names[1:]})
+    return bcd.Partition.from_groups(groups)
+
+
+def hand_written_block_epoch(model: torch.nn.Module, partition: bcd.Partition, loss, dtype) -> None:
+    """BAdam over ``partition`` in ascending order, written out: fp32 masters of the block's rows,
+    a fresh fused AdamW per visit, the gradient's rows only, results rounded into the model."""
+    params = dict(model.named_parameters())
+    step = 0
+    for block in partition:
+        for p in params.values():
+            p.requires_grad_(False)
+        entries = [(params[parse_entry(e)[0]], parse_entry(e)[1] or (0, params[parse_entry(e)[0]].shape[0]))
+                   for e in block.param_names]
+        for param, _ in entries:
+            param.requires_grad_(True)
+        masters = [param.detach()[a:b].float().clone() if dtype == torch.bfloat16 else param.detach()[a:b]
+                   for param, (a, b) in entries]
+        solver = torch.optim.AdamW(masters, lr=LR, fused=True)
+        for _ in range(K):
+            loss(model, step).backward()
+            for master, (param, (a, b)) in zip(masters, entries):
+                master.grad = param.grad[a:b].float()
+            solver.step()
+            with torch.no_grad():
+                for master, (param, (a, b)) in zip(masters, entries):
+                    param.detach()[a:b].copy_(master)
+                    param.grad = None
+            step += 1
+
+
+@pytest.mark.parametrize("chunk", [None, 50], ids=["whole-tensors", "64-element-chunks"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_block_epoch_with_row_blocks_equals_a_hand_written_loop(dtype, chunk, monkeypatch):
+    if chunk is not None:
+        monkeypatch.setattr(precision, "GRADIENT_CHUNK", chunk)
+    case = CASES["llama"]
+    reference = case.model(dtype=dtype)
+    partition = row_partition(reference)
+    hand_written_block_epoch(reference, partition, case.loss, dtype)
+
+    model = case.model(dtype=dtype)
+    optimizer = bcd.BlockCoordinateOptimizer(model, lr=LR, switch_every=K, partitioner="explicit",
+                                             partitioner_options={"blocks": {b.name: b.param_names for b in partition}},
+                                             order="ascending")
+    for step in range(K * len(partition)):
+        case.loss(model, step).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, param in model.named_parameters():
+        assert torch.equal(param, reference.get_parameter(name)), name
+
+
+def test_inactive_rows_get_no_gradient_and_stay_bit_identical():
+    case = CASES["llama"]
+    model = case.model(dtype=torch.bfloat16)
+    partition = row_partition(model)
+    optimizer = bcd.BlockCoordinateOptimizer(model, lr=LR, switch_every=1, partitioner="explicit",
+                                             partitioner_options={"blocks": {b.name: b.param_names for b in partition}},
+                                             order="ascending")
+    embedding = model.get_parameter(partition[0].tensor_names[0])
+    a, b = parse_entry(partition[1].param_names[0])[1]
+    optimizer.step()  # nothing to do on block 0 without a gradient: move on to rows.1
+    optimizer.zero_grad()
+    assert optimizer.active_block.name == "rows.1"
+    before = embedding.detach().clone()
+    case.loss(model, 0).backward()
+    # What clipping over model.parameters() sees is the block's gradient: the other rows are zero.
+    assert embedding.grad[:a].abs().sum() == 0 and embedding.grad[b:].abs().sum() == 0
+    assert embedding.grad[a:b].abs().sum() > 0
+    optimizer.step()
+    assert torch.equal(embedding[:a], before[:a]) and torch.equal(embedding[b:], before[b:])
+    assert not torch.equal(embedding[a:b], before[a:b])
+
+
+def test_buffers_are_allocated_once_and_reused_across_switches():
+    case = CASES["llama"]
+    model = case.model(dtype=torch.bfloat16)
+    optimizer = bcd.BAdam(model, lr=LR, switch_every=1, order="ascending")
+    pointers = []
+    for step in range(2 * len(optimizer.blocks)):
+        case.loss(model, step).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        pointers.append({key: flat.data_ptr() for key, flat in optimizer.buffers.flat.items()})
+    assert pointers[0] and all(p == pointers[0] for p in pointers)
+    kinds = {kind for kind, _ in pointers[0]}
+    assert kinds == {"masters", "gradient", "moments"}
+
+
+def test_a_solver_that_is_not_torchs_is_stepped_once_over_the_block():
+    calls = []
+
+    class Counting(torch.optim.SGD):
+        def step(self, closure=None):
+            calls.append(sum(p.grad is not None for g in self.param_groups for p in g["params"]))
+            return super().step(closure)
+
+    Counting.__module__ = "someone.elses"
+    case = CASES["llama"]
+    model = case.model(dtype=torch.bfloat16)
+    optimizer = bcd.BlockCoordinateOptimizer(model, lr=LR, switch_every=1, solver=Counting, order="ascending")
+    case.loss(model, 0).backward()
+    optimizer.step()
+    assert calls == [len(optimizer.blocks[0].param_names)]  # one step, every gradient present
+    torch_solver = bcd.BlockCoordinateOptimizer(model, lr=LR, switch_every=1, solver="sgd", order="ascending")
+    assert precision.streams(torch.optim.SGD([torch.zeros(1)], lr=0.1))
+    assert not precision.streams(Counting([torch.zeros(1)], lr=0.1))
+    torch_solver.close()
