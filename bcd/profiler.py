@@ -29,7 +29,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from bcd import checkpointing, plugins
-from bcd.blocks import trainable_parameters
+from bcd.blocks import block_numel, trainable_parameters
+from bcd.construction import owner_of
 from bcd.checks import positive_int
 
 EDGE_BLOCKS = ("embedding", "head")
@@ -177,7 +178,9 @@ def profile(
     """
     for label, value in (("batch", batch), ("seq", seq), ("repeats", repeats)):
         positive_int(label, value)
-    params = trainable_parameters(model)
+    # An optimizer driving the model has frozen all but its active block: profile what it trains.
+    owner = owner_of(model)
+    params = dict(owner._candidates) if owner is not None else trainable_parameters(model)
     partition = plugins.create("partitioner", partitioner, dict(partitioner_options or {})).partition(model, params, 0)
     if use_checkpointing:
         checkpointing.enable(model)
@@ -222,8 +225,9 @@ def profile(
         memory = torch.cuda.max_memory_allocated(device) - baseline if device.type == "cuda" else None
         return middle - start, end - middle, memory
 
-    configs = [("all blocks", -1, set(partition.param_names))]
-    configs += [(block.name, i, set(block.param_names)) for i, block in enumerate(partition)]
+    configs = [("all blocks", -1, set(partition.tensor_names))]
+    # A row block makes its whole tensor require grad: its backward is the whole tensor's.
+    configs += [(block.name, i, set(block.tensor_names)) for i, block in enumerate(partition)]
     configs.append(("no block", -2, set()))
     try:
         flops = []
@@ -251,7 +255,7 @@ def profile(
         profiles.append(BlockProfile(
             name=label,
             depth=depth,
-            params=sum(params[n].numel() for n in active),
+            params=block_numel(partition[depth], params) if depth >= 0 else sum(params[n].numel() for n in active),
             forward_flops=forward_flops,
             backward_flops=backward_flops,
             backward_flops_ratio=backward_flops / flops[0][1] if flops[0][1] else 0.0,

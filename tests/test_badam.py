@@ -16,7 +16,8 @@ def test_badam_equals_its_hand_built_composition():
     a = bcd.BAdam(a_model, lr=1e-3, switch_every=2, seed=4, weight_decay=0.01)
     b = bcd.BlockCoordinateOptimizer(
         b_model, lr=1e-3, switch_every=2,
-        partitioner="layer", partitioner_options={"include_embedding": False, "include_head": False},
+        partitioner="layer", partitioner_options={"include_embedding": True, "include_head": True,
+                                                  "max_block_params": None},
         order="random", order_options={"seed": 4},
         solver="adamw", solver_options={"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01},
     )
@@ -30,7 +31,9 @@ def test_badam_defaults_are_the_documented_ones():
     model = CASES["gpt2"].model()
     optimizer = bcd.BAdam(model)
     train(model, optimizer, CASES["gpt2"], 1)
-    assert [b.name for b in optimizer.blocks] == ["transformer.h.0", "transformer.h.1"]
+    # Every parameter: the (tied) embedding, the layers, the final norm.
+    assert [b.name for b in optimizer.blocks] == ["embedding", "transformer.h.0", "transformer.h.1", "head"]
+    assert set(optimizer.blocks.tensor_names) == {n for n, _ in model.named_parameters()}
     assert optimizer.switch_every == 100
     group = optimizer.param_groups[0]
     assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (1e-5, (0.9, 0.999), 1e-8, 0.0)
@@ -42,7 +45,7 @@ def test_badam_trains_models_whose_layers_are_not_called_layers():
         case = CASES[name]
         model = case.model()
         optimizer = bcd.BAdam(model, lr=1e-2, switch_every=1, order="ascending")
-        assert [b.name for b in optimizer.blocks] == layers
-        # Every step moves the active layer and nothing else, two block-epochs long.
-        testing.check_invariants(model, optimizer, case.loss, steps=4)
+        assert [b.name for b in optimizer.blocks if b.name not in ("embedding", "head")] == layers
+        # Every step moves the active block and nothing else, two block-epochs long.
+        testing.check_invariants(model, optimizer, case.loss, steps=2 * len(optimizer.blocks))
         assert optimizer.block_epoch == 2

@@ -81,9 +81,12 @@ def test_live_measure_equals_an_independent_count_and_the_estimate():
     assert live.master_copies == 4 * max(sum(s) for s in sizes)
     assert live.gradients == 2 * sum(p.numel() for p in tensors) + 4 * max(max(s) for s in sizes)
     assert live.solver_state == 8 * max(sum(s) for s in sizes) + 4 * len(block.param_names)
-    estimate = memory.estimate(model, methods=["badam"]).method("badam").breakdown
+    report = memory.estimate(model, methods=["badam"]).method("badam")
+    estimate, largest = report.breakdown, optimizer.blocks[optimizer.blocks.index(report.largest_block)]
     assert estimate.weights == sum(live.parameters.values())
-    assert (estimate.master_copies, estimate.solver_state) == (live.master_copies, live.solver_state)
+    assert estimate.master_copies == live.master_copies
+    # The moments buffer is the same; the step counters are one per entry of the block counted.
+    assert estimate.solver_state - 4 * len(largest.param_names) == live.solver_state - 4 * len(block.param_names)
     optimizer.step()
     after = memory.measure(model, optimizer)  # the bf16 gradients were freed as they were cast
     assert after.gradients == 4 * max(max(s) for s in sizes)

@@ -74,7 +74,7 @@ def test_callback_logs_block_and_memory_to_the_trainers_loggers(tmp_path):
     assert [e.value for e in events.Scalars("train/bcd/step_in_block")] == [1, 2, 0, 1, 2, 0, 1, 2, 2]
     assert events.Scalars("train/bcd/switches")[-1].value == 2
     assert [e.value for e in events.Scalars("train/bcd/switch_every")] == [3]
-    assert [e.value for e in events.Scalars("train/bcd/blocks")] == [3]
+    assert [e.value for e in events.Scalars("train/bcd/blocks")] == [5]  # embedding, 3 layers, head
     assert events.Scalars("train/bcd/memory_master_copies_MB")[-1].value > 0
 
 
@@ -93,7 +93,7 @@ def test_bf16_mixed_precision_argument_trains(tmp_path):
     losses, model, trainer = run(arguments(tmp_path, bf16=True, max_steps=6))
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, initial[n])]
-    assert changed and all(n.startswith("model.layers.") for n in changed)  # BAdam: layers only
+    assert changed and len(changed) < len(initial)  # K = 3, 6 steps: two of the five blocks visited
 
 
 def test_the_trainers_fsdp_mode_is_refused(tmp_path, monkeypatch):
