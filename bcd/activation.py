@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from bcd import distributed
-from bcd.blocks import Block, Partition, entry_shape, parse_entry
+from bcd.blocks import Block, Partition, entry_numel, parse_entry
 from bcd.buffers import Buffers, prefill, rehome
 from bcd.precision import GRADIENT_CHUNK, MasterCopies, needs_master
 
@@ -33,7 +33,7 @@ def plan_buffers(partition: Partition, candidates: Mapping[str, nn.Parameter]) -
         need: dict[tuple[str, torch.device], int] = {}
         for entry in block.param_names:
             param = candidates[parse_entry(entry)[0]]
-            numel = torch.Size(entry_shape(entry, candidates)).numel()
+            numel = entry_numel(entry, candidates)
             if distributed.sharded(param):
                 continue
             need[("moments", param.device)] = need.get(("moments", param.device), 0) + 2 * numel
@@ -124,12 +124,7 @@ class ActiveBlock:
         for param in self.params if not self.deferred() else ():
             param.requires_grad_(True)
         remove_all(self.row_handles)
-        spans: dict[str, list[tuple[int, int]]] = {}
-        for entry in self.block.param_names:
-            name, rows = parse_entry(entry)
-            if rows is not None:
-                spans.setdefault(name, []).append(rows)
-        for name, rows in spans.items():
+        for name, rows in self.block.row_spans.items():
             self.row_handles.append(self.candidates[name].register_post_accumulate_grad_hook(_zero_other_rows(rows)))
 
     def adopt(self, current: Mapping[str, nn.Parameter]) -> None:
@@ -154,7 +149,7 @@ class ActiveBlock:
         if self.solver is not None:
             return
         names: Sequence[str] = self.block.param_names
-        entries = [(entry, self.candidates[parse_entry(entry)[0]], parse_entry(entry)[1]) for entry in names]
+        entries = [(entry, self.candidates[name], rows) for entry, (name, rows) in zip(names, map(parse_entry, names))]
         self.masters = MasterCopies(entries, self.buffers)
         groups, self.solver_group_index = groups_for(dict(zip(names, self.masters.solver_params)))
         self.solver = factory(groups, **options)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from bcd.checks import positive_int
+from bcd.distributed import sharded
 
 
 _ROWS = re.compile(r"^(?P<name>.+)\[(?P<start>\d+):(?P<stop>\d+)\]$")
@@ -81,6 +82,11 @@ class Block:
         """The names of the tensors the block touches, each once, in order."""
         return tuple(dict.fromkeys(parse_entry(entry)[0] for entry in self.param_names))
 
+    @property
+    def row_spans(self) -> dict[str, list[tuple[int, int]]]:
+        """The row ranges the block holds of each tensor it holds only in part."""
+        return _spans(self.param_names)
+
 
 @attrs.frozen
 class Partition:
@@ -133,6 +139,11 @@ class Partition:
     def tensor_names(self) -> tuple[str, ...]:
         """The names of the tensors the partition touches, each once."""
         return tuple(dict.fromkeys(name for block in self.blocks for name in block.tensor_names))
+
+    @property
+    def row_spans(self) -> dict[str, list[tuple[int, int]]]:
+        """The row ranges, over all blocks, of each tensor given by rows."""
+        return _spans(self.param_names)
 
     def limit(self, params: Mapping[str, torch.Tensor], max_block_params: int) -> Partition:
         """This partition with every block larger than ``max_block_params`` elements split.
@@ -191,6 +202,15 @@ class Partition:
         return cls(tuple(Block(name=name, param_names=tuple(names)) for name, names in items))
 
 
+def _spans(entries: Iterable[str]) -> dict[str, list[tuple[int, int]]]:
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for entry in entries:
+        name, rows = parse_entry(entry)
+        if rows is not None:
+            spans.setdefault(name, []).append(rows)
+    return spans
+
+
 def _row_units(entry: str, params: Mapping[str, torch.Tensor], limit: int) -> list[str]:
     """``entry`` as row entries of near-equal size no larger than ``limit`` (one row at least).
 
@@ -199,7 +219,7 @@ def _row_units(entry: str, params: Mapping[str, torch.Tensor], limit: int) -> li
     numel = entry_numel(entry, params)
     name, rows = parse_entry(entry)
     shape = tuple(params[name].shape)
-    if numel <= limit or not shape or shape[0] <= 1 or hasattr(params[name], "device_mesh"):
+    if numel <= limit or not shape or shape[0] <= 1 or sharded(params[name]):
         return [entry]
     start, stop = rows if rows is not None else (0, shape[0])
     pieces = min(stop - start, -(-numel // limit))
@@ -213,12 +233,7 @@ def check_rows(partition: Partition, params: Mapping[str, torch.Tensor]) -> None
     Raises:
         ValueError: naming the tensor, its rows and the ranges found.
     """
-    ranges: dict[str, list[tuple[int, int]]] = {}
-    for entry in partition.param_names:
-        name, rows = parse_entry(entry)
-        if rows is not None:
-            ranges.setdefault(name, []).append(rows)
-    for name, spans in ranges.items():
+    for name, spans in partition.row_spans.items():
         param = params[name]
         spans.sort()
         covered = param.ndim >= 1 and spans[0][0] == 0 and spans[-1][1] == param.shape[0] and all(

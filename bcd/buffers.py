@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
+from bcd.distributed import sharded
+
 #: The kinds of buffer, and the :func:`bcd.measure.measure` category each one counts in.
 KINDS = {"masters": "master_copies", "gradient": "gradients", "moments": "solver_state"}
 # Solvers whose state bcd may create in its own buffers: every per-element entry starts at zero
@@ -76,12 +78,17 @@ def _template(solver: torch.optim.Optimizer, group: Mapping, device: torch.devic
             for key, value in probe.state[probe_param].items()}
 
 
+def _owns_state(solver: torch.optim.Optimizer) -> bool:
+    """Whether bcd keeps ``solver``'s state in its buffers: torch's Adam or AdamW over plain tensors."""
+    return type(solver) in PREFILLED and not any(sharded(p) for g in solver.param_groups for p in g["params"])
+
+
 def prefill(solver: torch.optim.Optimizer, buffers: Buffers) -> None:
     """Create ``solver``'s state in ``buffers`` (zeroed views), for torch's Adam and AdamW only.
 
     Other solvers, and sharded (DTensor) parameters, get their state at the first step, as usual.
     """
-    if type(solver) not in PREFILLED or any(hasattr(p, "device_mesh") for g in solver.param_groups for p in g["params"]):
+    if not _owns_state(solver):
         return
     templates: dict[tuple[int, torch.device], dict[str, torch.Tensor | None]] = {}
     totals: dict[torch.device, int] = {}
@@ -110,7 +117,7 @@ def prefill(solver: torch.optim.Optimizer, buffers: Buffers) -> None:
 
 def rehome(solver: torch.optim.Optimizer, buffers: Buffers) -> None:
     """Move a loaded solver state back into ``buffers`` (``load_state_dict`` allocates its own tensors)."""
-    if type(solver) not in PREFILLED or any(hasattr(p, "device_mesh") for g in solver.param_groups for p in g["params"]):
+    if not _owns_state(solver):
         return
     loaded: Iterable[tuple[torch.Tensor, dict]] = [(p, solver.state[p]) for g in solver.param_groups for p in g["params"]
                                                   if p in solver.state]

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from bcd import checkpointing, contracts, distributed, plugins
-from bcd.blocks import Partition, check_rows, parse_entry, trainable_parameters
+from bcd.blocks import Partition, check_rows, trainable_parameters
 from bcd.checks import flag, positive_int
 from bcd.groups import outer_groups
 from bcd.precision import needs_master
@@ -115,7 +115,7 @@ def check_partition(partition: Any, name: str, candidates: Mapping[str, nn.Param
             "a block may only hold parameters that require grad."
         )
     check_rows(partition, candidates)
-    split = sorted({parse_entry(e)[0] for e in partition.param_names if parse_entry(e)[1] is not None})
+    split = sorted(partition.row_spans)
     if any(distributed.sharded(candidates[n]) for n in split):
         raise ValueError(
             f"Unsupported partition from partitioner {name!r}: row blocks of sharded (FSDP2) parameters, e.g. "

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from bcd.buffers import PREFILLED, Buffers, views
-from bcd.distributed import like
+from bcd.distributed import like, sharded
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 #: Elements of fp32 gradient cast at a time when Adam or AdamW is stepped in row chunks (64 MB).
@@ -73,7 +73,7 @@ class MasterCopies:
         low = [i for i, p in enumerate(self.sources) if needs_master(p)]
         shapes = [_rows(self.sources[i], self.rows[i]).shape for i in low]
         copies: list[torch.Tensor] = []
-        if low and buffers is not None and not any(hasattr(self.sources[i], "device_mesh") for i in low):
+        if low and buffers is not None and not any(sharded(self.sources[i]) for i in low):
             device = self.sources[low[0]].device
             if all(self.sources[i].device == device for i in low):
                 copies = views(buffers.take("masters", device, sum(s.numel() for s in shapes)), shapes)
@@ -95,7 +95,7 @@ class MasterCopies:
         grad = _rows(grad, self.rows[index])
         if not self._is_copy(index):
             return grad
-        if buffer and self.buffers is not None and not hasattr(grad, "device_mesh"):
+        if buffer and self.buffers is not None and not sharded(grad):
             return self.buffers.take("gradient", grad.device, grad.numel()).view(grad.shape).copy_(grad)
         return grad.to(torch.float32)
 
@@ -118,7 +118,8 @@ class MasterCopies:
                 grad = grads[id(param)]
                 self.solver_params[index].grad = None if grad is None else self._gradient(index, grad, buffer=False)
             for param in self.params:
-                param.grad = None if needs_master(param) else param.grad
+                if needs_master(param):
+                    param.grad = None
             solver.step()
             for index, master in enumerate(self.solver_params):
                 if master is not self.sources[index]:  # a copy or a view of rows: not the model's own gradient
@@ -150,7 +151,7 @@ class MasterCopies:
     def _chunked(self, solver: torch.optim.Optimizer, index: int) -> bool:
         master = self.solver_params[index]
         return (type(solver) in PREFILLED and self._is_copy(index) and self.buffers is not None and master.ndim >= 1
-                and master.numel() > GRADIENT_CHUNK and master in solver.state and not hasattr(master, "device_mesh"))
+                and master.numel() > GRADIENT_CHUNK and master in solver.state and not sharded(master))
 
     def _step_in_chunks(self, solver: torch.optim.Optimizer, index: int, grad: torch.Tensor) -> None:
         """Step one large entry a few rows at a time: each chunk's master and moments are views,

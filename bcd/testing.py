@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from bcd.blocks import Block, Partition, check_rows, parse_entry, trainable_parameters
+from bcd.blocks import Partition, check_rows, trainable_parameters
 from bcd.construction import owner_of
 from bcd.contracts import check
 from bcd.optimizer import BlockCoordinateOptimizer
@@ -101,16 +101,6 @@ def check_ordering(ordering: object, num_blocks: int, epochs: int = 4) -> list[l
     return orders
 
 
-def _active_rows(block: Block) -> dict[str, list[tuple[int, int]]]:
-    """The row ranges of each partly active tensor of ``block``."""
-    rows: dict[str, list[tuple[int, int]]] = {}
-    for entry in block.param_names:
-        name, span = parse_entry(entry)
-        if span is not None:
-            rows.setdefault(name, []).append(span)
-    return rows
-
-
 def check_invariants(
     model: nn.Module,
     optimizer: BlockCoordinateOptimizer,
@@ -135,7 +125,7 @@ def check_invariants(
     previous_block, previous_solver = None, None
     for step in range(steps):
         active = set(optimizer.active_block.tensor_names)
-        rows = _active_rows(optimizer.active_block)
+        rows = optimizer.active_block.row_spans
         for name, param in params.items():
             assert param.requires_grad == (name in active), f"step {step}: {name} requires_grad={param.requires_grad}"
         if optimizer.active_block != previous_block:
