@@ -61,8 +61,12 @@ def optimizer_for(method: str, model, lr: float, seed: int, args: argparse.Names
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", bcd.PrecisionNote)  # fp32 on purpose here
             # bcd-layers: the paper's partition (layers and head; the pretrained embedding frozen).
-            optimizer = bcd.BAdam(model, lr=lr, switch_every=args.switch_every, weight_decay=0.01, no_decay=True,
-                                  seed=seed, include_embedding=method != "bcd-layers")
+            def badam(switch_every: int) -> bcd.BAdam:
+                return bcd.BAdam(model, lr=lr, switch_every=switch_every, weight_decay=0.01, no_decay=True, seed=seed,
+                                 include_embedding=method != "bcd-layers")
+
+            # K from the guidance in docs/user-guide.md: at least --block-epochs block-epochs over the run.
+            optimizer = badam(args.switch_every or max(1, args.steps // (args.block_epochs * len(badam(1).blocks))))
         scheduler = bcd.switch_warmup(optimizer, steps=args.warmup_steps) if method == "bcd-warmup" else None
         return model, optimizer, scheduler
     if method == "lora":
@@ -110,7 +114,8 @@ def run(method: str, task: str, lr: float, seed: int, args: argparse.Namespace) 
         if evaluating:
             curve.append((step + 1, evaluate(model, tokenizer, dev_texts, dev_labels)))
     return {"method": method, "task": task, "lr": lr, "seed": seed, "accuracy": curve[-1][1], "curve": curve,
-            "seconds": time.perf_counter() - started, "optimizer_bytes": peak}
+            "seconds": time.perf_counter() - started, "optimizer_bytes": peak,
+            "switch_every": getattr(optimizer, "switch_every", None), "blocks": len(getattr(optimizer, "blocks", ()))}
 
 
 def main() -> None:
@@ -119,7 +124,9 @@ def main() -> None:
     parser.add_argument("--rates", help="METHOD=LR/LR/...;... to sweep instead of the defaults, e.g. 'bcd=2e-4/4e-4'")
     parser.add_argument("--steps", type=int, default=192, help="optimizer steps per run (default 192)")
     parser.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
-    parser.add_argument("--switch-every", type=int, default=8, help="K for bcd (default 8: 3 block-epochs of D = 8)")
+    parser.add_argument("--switch-every", type=int, default=0,
+                        help="K for bcd (default 0: steps // (block-epochs x D), so 4 for D = 15 and 9 for D = 7)")
+    parser.add_argument("--block-epochs", type=int, default=3, help="block-epochs over the run when K is 0 (default 3)")
     parser.add_argument("--warmup-steps", type=int, default=4, help="bcd-warmup: linear warm-up steps at every switch")
     parser.add_argument("--seeds", type=int, default=3, help="seeds at the best rate (default 3)")
     parser.add_argument("--eval-every", type=int, default=96, help="dev evaluation period in steps (default 96)")
