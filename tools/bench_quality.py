@@ -132,6 +132,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=96, help="dev evaluation period in steps (default 96)")
     parser.add_argument("--dev-limit", type=int, default=0, help="evaluate on the first N dev sentences (0: all)")
     parser.add_argument("--out", default="runs/quality", help="output folder (default runs/quality)")
+    parser.add_argument("--report", action="store_true", help="run nothing: write the table, JSON and plot from the runs so far")
     parser.add_argument("--quick", action="store_true", help="smoke run: 12 steps, one rate, one seed, 100 dev sentences")
     args = parser.parse_args()
     methods = args.methods.split(",")
@@ -164,13 +165,15 @@ def main() -> None:
     for method, rates in sweep.items():
         for lr in rates:
             for task in TASKS:
-                once(method, task, lr, 0)
-    best = {m: max(rates, key=lambda lr: sum(r["accuracy"] for r in runs if (r["method"], r["lr"]) == (m, lr)))
+                if not args.report:
+                    once(method, task, lr, 0)
+    best = {m: max(rates, key=lambda lr: sum(r["accuracy"] for r in runs if (r["method"], r["lr"], r["seed"]) == (m, lr, 0)))
             for m, rates in sweep.items()}
     for method, lr in best.items():
         for seed in range(1, args.seeds):
             for task in TASKS:
-                once(method, task, lr, seed)
+                if not args.report:
+                    once(method, task, lr, seed)
 
     rows, table = [], {}
     for method, lr in best.items():
@@ -181,11 +184,11 @@ def main() -> None:
             table[(method, task)] = acc
             row.append(f"{acc['median']:.1f} [{acc['min']:.1f}-{acc['max']:.1f}]")
         chosen = [r for r in runs if (r["method"], r["lr"]) == (method, lr)]
-        row += [f"{spread(r['seconds'] for r in chosen)['median']:.0f} s",
+        row += [str(len({r["seed"] for r in chosen})), f"{spread(r['seconds'] for r in chosen)['median']:.0f} s",
                 f"{max(r['optimizer_bytes'] for r in chosen) / 1e6:.0f} MB"]
         rows.append(row)
-    header = ("method", "lr", *(f"{t} dev acc %" for t in TASKS), "wall time / run", "optimizer memory")
-    print_table(f"all-MiniLM-L6-v2, {args.steps} steps of batch {args.batch}, median [min-max] over {args.seeds} seeds",
+    header = ("method", "lr", *(f"{t} dev acc %" for t in TASKS), "seeds", "wall time / run", "optimizer memory")
+    print_table(f"all-MiniLM-L6-v2, {args.steps} steps of batch {args.batch}, median (min-max) over the seeds",
                 header, rows)
     sweep_rows = [[m, f"{lr:g}", *(f"{100 * r['accuracy']:.1f}" for t in TASKS for r in runs
                                     if (r["method"], r["lr"], r["task"], r["seed"]) == (m, lr, t, 0))]
