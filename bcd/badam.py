@@ -36,11 +36,18 @@ class BAdam(BlockCoordinateOptimizer):
       paper's layer-only partition, D = number of layers).
     - ``order="random"``: Algorithm 1 draws a fresh order each block-epoch (random
       reshuffling); ``"ascending"``, ``"descending"`` and ``"fixed"`` are the alternatives.
-    - ``switch_every=100``: K, Adam steps per block visit.
+    - ``switch_every=100``: K, Adam steps per block visit (the paper's, for runs of thousands of
+      steps). For a shorter run pick K so that it makes at least three block-epochs,
+      K = steps / (3D).
     - ``betas=(0.9, 0.999)``, ``eps=1e-8``: Adam's standard values, which Algorithm 1 uses.
     - ``weight_decay=0.0``: Algorithm 1 is plain Adam. A value you set is used exactly, with
       decoupled (AdamW) decay; with 0 the update is Adam's.
-    - ``lr=1e-5``: a typical full-parameter fine-tuning rate; tune it.
+    - ``lr=1e-5``: a typical full-parameter fine-tuning rate; tune it. Measured on a pretrained
+      encoder (docs/benchmarks.md, "Quality"), BAdam wanted about 4x the rate that suited AdamW.
+
+    Fine-tuning a pretrained model on a small labelled set for a few hundred steps, the measured
+    recommendation is ``lr`` = 4x AdamW's, K = steps / (3D) and ``include_embedding=False``
+    (docs/user-guide.md, "Learning rate and K").
 
     Args:
         model: the model, ideally in bf16 (fp32 master copies then exist for the active block only).
