@@ -8,7 +8,8 @@ that was best on average over the two tasks, and the table reports dev accuracy 
 so that precision does not mix into the comparison. Writes ``results.json``, ``results.md`` and
 ``accuracy.png`` (dev accuracy against steps) to ``--out``.
 
-    python tools/bench_quality.py                      # the table in docs/benchmarks.md (about an hour, 2 CPU cores)
+    python tools/bench_quality.py                      # the table in docs/benchmarks.md (about 70 minutes, 2 CPU cores)
+    python tools/bench_quality.py --report             # rewrite table, JSON and plot from the journal, running nothing
     python tools/bench_quality.py --quick              # smoke run: a few steps, one rate, one seed
 """
 
@@ -37,6 +38,7 @@ SWEEP = {
 }
 # Methods measured when asked for by --methods, not by default.
 EXTRA = {"bcd-warmup": (2e-4, 4e-4)}
+RATES = {**SWEEP, **EXTRA}
 
 
 def load(task: str, split: str) -> tuple[list[str], list[int]]:
@@ -75,7 +77,7 @@ def optimizer_for(method: str, model, lr: float, seed: int, args: argparse.Names
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
                                                  modules_to_save=["classifier"], task_type="SEQ_CLS"))
         return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01), None
-    raise ValueError(f"Unknown method: {method!r}; accepted: {', '.join({**SWEEP, **EXTRA})}.")
+    raise ValueError(f"Unknown method: {method!r}; accepted: {', '.join(RATES)}.")
 
 
 def evaluate(model, tokenizer, texts: list[str], labels: list[int], batch: int = 128) -> float:
@@ -120,7 +122,7 @@ def run(method: str, task: str, lr: float, seed: int, args: argparse.Namespace) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default=",".join(SWEEP), help=f"comma-separated, of {', '.join({**SWEEP, **EXTRA})} (default: all but {', '.join(EXTRA)})")
+    parser.add_argument("--methods", default=",".join(SWEEP), help=f"comma-separated, of {', '.join(RATES)} (default: all but {', '.join(EXTRA)})")
     parser.add_argument("--rates", help="METHOD=LR/LR/...;... to sweep instead of the defaults, e.g. 'bcd=2e-4/4e-4'")
     parser.add_argument("--steps", type=int, default=192, help="optimizer steps per run (default 192)")
     parser.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
@@ -136,10 +138,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: 12 steps, one rate, one seed, 100 dev sentences")
     args = parser.parse_args()
     methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in {**SWEEP, **EXTRA}]
+    unknown = [m for m in methods if m not in RATES]
     if unknown:
-        parser.error(f"unknown method {unknown[0]!r} in --methods {args.methods!r}; accepted: {', '.join({**SWEEP, **EXTRA})}")
-    sweep = {m: {**SWEEP, **EXTRA}[m] for m in methods}
+        parser.error(f"unknown method {unknown[0]!r} in --methods {args.methods!r}; accepted: {', '.join(RATES)}")
+    sweep = {m: RATES[m] for m in methods}
     for item in filter(None, (args.rates or "").split(";")):
         method, _, rates = item.partition("=")
         sweep[method] = tuple(float(r) for r in rates.split("/"))
@@ -155,7 +157,7 @@ def main() -> None:
     runs = [json.loads(line) for line in journal.read_text().splitlines()] if journal.exists() else []
 
     def once(method: str, task: str, lr: float, seed: int) -> None:
-        if any((r["method"], r["task"], r["lr"], r["seed"]) == (method, task, lr, seed) for r in runs):
+        if args.report or any((r["method"], r["task"], r["lr"], r["seed"]) == (method, task, lr, seed) for r in runs):
             return
         print(f"{method} lr {lr:g} on {task}, seed {seed} ...", flush=True)
         runs.append(run(method, task, lr, seed, args))
@@ -165,15 +167,13 @@ def main() -> None:
     for method, rates in sweep.items():
         for lr in rates:
             for task in TASKS:
-                if not args.report:
-                    once(method, task, lr, 0)
+                once(method, task, lr, 0)
     best = {m: max(rates, key=lambda lr: sum(r["accuracy"] for r in runs if (r["method"], r["lr"], r["seed"]) == (m, lr, 0)))
             for m, rates in sweep.items()}
     for method, lr in best.items():
         for seed in range(1, args.seeds):
             for task in TASKS:
-                if not args.report:
-                    once(method, task, lr, seed)
+                once(method, task, lr, seed)
 
     rows, table = [], {}
     for method, lr in best.items():
@@ -184,10 +184,11 @@ def main() -> None:
             table[(method, task)] = acc
             row.append(f"{acc['median']:.1f} [{acc['min']:.1f}-{acc['max']:.1f}]")
         chosen = [r for r in runs if (r["method"], r["lr"]) == (method, lr)]
-        row += [str(len({r["seed"] for r in chosen})), f"{spread(r['seconds'] for r in chosen)['median']:.0f} s",
+        seeds = " / ".join(str(sum(r["task"] == t for r in chosen)) for t in TASKS)
+        row += [seeds, f"{spread(r['seconds'] for r in chosen)['median']:.0f} s",
                 f"{max(r['optimizer_bytes'] for r in chosen) / 1e6:.0f} MB"]
         rows.append(row)
-    header = ("method", "lr", *(f"{t} dev acc %" for t in TASKS), "seeds", "wall time / run", "optimizer memory")
+    header = ("method", "lr", *(f"{t} dev acc %" for t in TASKS), f"seeds ({' / '.join(TASKS)})", "wall time / run", "optimizer memory")
     print_table(f"all-MiniLM-L6-v2, {args.steps} steps of batch {args.batch}, median (min-max) over the seeds",
                 header, rows)
     sweep_rows = [[m, f"{lr:g}", *(f"{100 * r['accuracy']:.1f}" for t in TASKS for r in runs
