@@ -35,7 +35,8 @@ class BAdam(BlockCoordinateOptimizer):
       Llama 3-8B. ``include_embedding=False`` / ``include_head=False`` freeze those instead (the
       paper's layer-only partition, D = number of layers).
     - ``order="random"``: Algorithm 1 draws a fresh order each block-epoch (random
-      reshuffling); ``"ascending"``, ``"descending"`` and ``"fixed"`` are the alternatives.
+      reshuffling); ``"importance"`` (blocks drawn by their gradient norm, MISA-style),
+      ``"ascending"``, ``"descending"`` and ``"fixed"`` are the alternatives.
     - ``switch_every=100``: K, Adam steps per block visit (the paper's, for runs of thousands of
       steps). For a shorter run pick K so that it makes at least three block-epochs,
       K = steps / (3D).
@@ -53,11 +54,11 @@ class BAdam(BlockCoordinateOptimizer):
         model: the model, ideally in bf16 (fp32 master copies then exist for the active block only).
         lr: learning rate.
         switch_every: K.
-        order: ``random``, ``ascending``, ``descending``, ``fixed`` or a plugin ordering.
+        order: ``random``, ``importance``, ``ascending``, ``descending``, ``fixed`` or a plugin ordering.
         weight_decay: decoupled weight decay.
         betas: Adam's moment coefficients.
         eps: Adam's epsilon.
-        seed: seed of the random order (only with ``order="random"``; default 0).
+        seed: seed of the random order (only with ``order="random"`` or ``"importance"``; default 0).
         start_block: index or name of the first block.
         include_embedding: train the embedding as a block of its own (default); False freezes it.
         include_head: train the head (final norm, output layer, rest) as a block of its own

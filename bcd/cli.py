@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--max-length", type=_at_least(int, 8), default=128, help="tokens per example, prompt included (default 128)")
     tune.add_argument("--lr", type=_at_least(float, 0.0, strict=True), default=2e-3, help="peak learning rate, cosine schedule (default 2e-3)")
     tune.add_argument("--switch-every", type=_at_least(int, 1), default=20, help="K, steps per block (default 20)")
-    tune.add_argument("--order", default="random", help="block order: random, ascending, descending, fixed (default random)")
+    tune.add_argument("--order", default="random",
+                      help="block order: random, importance, ascending, descending, fixed (default random)")
     tune.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     tune.add_argument("--gradient-checkpointing", action="store_true", help="non-reentrant activation checkpointing")
     tune.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")

@@ -24,6 +24,7 @@ from bcd import checkpointing, contracts, distributed, plugins
 from bcd.blocks import Partition, check_rows, trainable_parameters
 from bcd.checks import flag, positive_int
 from bcd.groups import outer_groups
+from bcd.observe import observes
 from bcd.precision import needs_master
 from bcd.schedule import BlockSchedule
 
@@ -222,6 +223,13 @@ def compose(model: Any, candidates: dict[str, nn.Parameter] | None, *, lr: Any, 
     if isinstance(order_options.get("start_block"), str):
         order_options["start_block"] = partition.index(order_options["start_block"])
     ordering, ordering_name = contracts.resolve("ordering", order, order_options or None)
+    if observes(ordering) and partitioner_obj.dynamic:
+        # What was observed of block b says nothing about a regrouped block b.
+        raise ValueError(
+            f"Invalid combination: ordering {ordering_name!r} observes the blocks' gradients, partitioner "
+            f"{partitioner_name!r} regroups them every block-epoch; accepted: an observing ordering with a static "
+            "partitioner (layer, per-module, explicit), or a non-observing ordering."
+        )
     schedule = BlockSchedule(ordering=ordering, num_blocks=len(partition), switch_every=switch_every)
 
     factory, solver_name = contracts.resolve_solver(solver)

@@ -39,7 +39,11 @@ class Partitioner(Protocol):
 
 @runtime_checkable
 class Ordering(Protocol):
-    """Orders the visits of a block-epoch."""
+    """Orders the visits of a block-epoch.
+
+    An ordering whose class sets ``observes = True`` is called ``order(num_blocks, epoch, observed)``
+    instead, with a :class:`bcd.observe.Observations` (see that module).
+    """
 
     def order(self, num_blocks: int, epoch: int) -> Sequence[int]:
         """The block indices to visit in block-epoch ``epoch``: a pure function of the options and arguments."""

@@ -52,7 +52,10 @@ def register_orderings(register: Callable[[str, Callable], None]) -> None:
         register: call ``register(name, factory)`` for each ordering. ``factory(**options)``
             returns an object with ``order(num_blocks: int, epoch: int) -> Sequence[int]``: the
             block indices to visit in block-epoch ``epoch``. It must be a pure function of its
-            options and arguments; that is what makes resume exact without saving RNG state.
+            options and arguments; that is what makes resume exact without saving RNG state. An
+            ordering whose class sets ``observes = True`` is called ``order(num_blocks, epoch,
+            observed)`` with the gradient norms seen at the visits (:mod:`bcd.observe`), which
+            the state dict keeps.
     """
 
 

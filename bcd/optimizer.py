@@ -34,6 +34,7 @@ from bcd.construction import (Composition, PrecisionNote, check_partition, check
                               refuse_copy, warn_if_fp32)
 from bcd.events import BlockSwitch
 from bcd.groups import check_hyperparameters, copy_hyperparameters
+from bcd.observe import gradient_norm, observes
 
 STATE_FORMAT = state.STATE_FORMAT
 __all__ = ["BlockCoordinateOptimizer", "PrecisionNote", "STATE_FORMAT"]
@@ -55,7 +56,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         partitioner: a registered name (``layer``, ``random-subset``, ``per-module``, ``explicit``,
             a plugin's) or a :class:`bcd.Partitioner` object.
         partitioner_options: keyword options for a partitioner given by name.
-        order: a registered name (``ascending``, ``descending``, ``random``, ``fixed``, a plugin's)
+        order: a registered name (``ascending``, ``descending``, ``random``, ``fixed``, ``importance``, a plugin's)
             or a :class:`bcd.Ordering` object.
         order_options: options for an ordering given by name; ``start_block`` may be a block name.
         solver: a registered name (``adam``, ``adamw``, ``sgd``, a plugin's) or a factory
@@ -201,13 +202,15 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
                                   self.defaults)
         self._ensure_solver()
         copy_hyperparameters(self.param_groups, self._block.solver, self._block.solver_group_index)
+        # Measured only for an ordering that asks: it costs a reduction and a host sync per step.
+        grad_norm = gradient_norm(self._block.params) if observes(self.schedule.ordering) else None
         self._block.step()
-        self._advance()
+        self._advance(grad_norm)
         return loss
 
-    def _advance(self) -> None:
+    def _advance(self, grad_norm: float | None = None) -> None:
         previous, block = self.schedule, self.active_block
-        self.schedule = previous.step()
+        self.schedule = previous.step(grad_norm)
         if self.schedule.step_in_block:
             return
         regrouped = self.composition.partitioner.dynamic and self.schedule.block_epoch != previous.block_epoch

@@ -9,6 +9,10 @@ returns the next one, so a schedule can be tested, saved and compared without a 
 The **revisit rule**: when the next visit is to the block that is active already (D = 1, or the
 ``fixed`` order), it is one longer visit and the solver state is kept; that is what makes D = 1
 exactly the inner solver.
+
+An **observing** ordering (``observes = True``, :mod:`bcd.observe`) is also given what the
+optimizer saw at the visits so far; the schedule carries those observations, so its state dict
+still determines every later order.
 """
 
 from __future__ import annotations
@@ -20,17 +24,22 @@ import attrs
 
 from bcd.checks import positive_int
 from bcd.contracts import Ordering, options_of
+from bcd.observe import Observations, observes
 
 SCHEDULE_KEYS = ("block_epoch", "position", "order", "step_in_block", "global_step")
 
 
-def order_for(ordering: Ordering, num_blocks: int, epoch: int) -> tuple[int, ...]:
-    """The ordering's order for block-epoch ``epoch``, checked.
+def order_for(ordering: Ordering, num_blocks: int, epoch: int, observed: Observations | None = None) -> tuple[int, ...]:
+    """The ordering's order for block-epoch ``epoch``, checked; an observing ordering also gets ``observed``.
 
     Raises:
         ValueError: the order is empty or names a block outside ``0 ... num_blocks - 1``.
     """
-    order = tuple(int(i) for i in ordering.order(num_blocks, epoch))
+    if observes(ordering):
+        proposed = ordering.order(num_blocks, epoch, observed if observed is not None else Observations.empty(num_blocks))
+    else:
+        proposed = ordering.order(num_blocks, epoch)
+    order = tuple(int(i) for i in proposed)
     if not order or any(not 0 <= i < num_blocks for i in order):
         raise ValueError(
             f"Invalid order from ordering {type(ordering).__name__}: {list(order)}; accepted: block indices "
@@ -57,6 +66,7 @@ class BlockSchedule:
         position: index of the current visit in :attr:`order`.
         step_in_block: steps taken in the current visit, 0 ... K-1.
         global_step: optimizer steps taken in all.
+        observed: what the optimizer observed at the visits (measured only for an observing ordering).
         order: the current block-epoch's order (derived from the ordering when not given).
     """
 
@@ -67,28 +77,39 @@ class BlockSchedule:
     position: int = 0
     step_in_block: int = 0
     global_step: int = 0
+    observed: Observations = attrs.field()
     order: tuple[int, ...] = attrs.field(converter=tuple)
+
+    @observed.default
+    def _observed(self) -> Observations:
+        return Observations.empty(self.num_blocks)
 
     @order.default
     def _order(self) -> tuple[int, ...]:
-        return order_for(self.ordering, self.num_blocks, self.block_epoch)
+        return order_for(self.ordering, self.num_blocks, self.block_epoch, self.observed)
 
     @property
     def active(self) -> int:
         """The index of the active block."""
         return self.order[self.position]
 
-    def step(self) -> BlockSchedule:
-        """The schedule after one more optimizer step: the same visit, or the next one after K steps."""
+    def step(self, grad_norm: float | None = None) -> BlockSchedule:
+        """The schedule after one more optimizer step: the same visit, or the next one after K steps.
+
+        Args:
+            grad_norm: the active block's gradient norm at this step, for an observing ordering.
+        """
+        observed = self.observed if grad_norm is None else self.observed.add(grad_norm)
         taken = self.step_in_block + 1
         if taken < self.switch_every:
-            return attrs.evolve(self, step_in_block=taken, global_step=self.global_step + 1)
+            return attrs.evolve(self, step_in_block=taken, global_step=self.global_step + 1, observed=observed)
+        observed = observed.close(self.active)
         position, epoch = self.position + 1, self.block_epoch
         if position == len(self.order):
             position, epoch = 0, epoch + 1
         return BlockSchedule(
             ordering=self.ordering, num_blocks=self.num_blocks, switch_every=self.switch_every,
-            block_epoch=epoch, position=position, global_step=self.global_step + 1,
+            block_epoch=epoch, position=position, global_step=self.global_step + 1, observed=observed,
             **({"order": self.order} if epoch == self.block_epoch else {}),
         )
 
@@ -105,6 +126,7 @@ class BlockSchedule:
             "step_in_block": self.step_in_block,
             "global_step": self.global_step,
             "ordering_options": options_of(self.ordering),
+            "observed": self.observed.state_dict(),
         }
 
     def load(self, state: Any) -> BlockSchedule:
@@ -135,17 +157,26 @@ class BlockSchedule:
                 f"Invalid state dict: saved with ordering options {saved_options!r}, this optimizer's are "
                 f"{options_of(self.ordering)!r}; build the optimizer with the saved ones."
             )
-        order = order_for(self.ordering, self.num_blocks, epoch)
         saved_order = state["order"]
-        if not isinstance(saved_order, (list, tuple)) or list(saved_order) != list(order):
-            raise ValueError(
-                f"Invalid state dict: block-epoch {epoch} was saved with order {saved_order!r}, this optimizer's "
-                f"ordering gives {list(order)}; the ordering options (seed, start_block) differ."
-            )
+        observed = (Observations.load(state["observed"], self.num_blocks, self.switch_every) if "observed" in state
+                    else Observations.empty(self.num_blocks))  # absent from dicts saved before it was recorded
+        if observes(self.ordering):
+            # The order came from what was observed before this block-epoch: the saved one is the record.
+            if not isinstance(saved_order, (list, tuple)) or not saved_order or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.num_blocks for i in saved_order):
+                raise ValueError(f"Invalid state dict: schedule.order is {saved_order!r:.80}; accepted: a non-empty list "
+                                 f"of block indices 0 ... {self.num_blocks - 1}.")
+            order = tuple(saved_order)
+        else:
+            order = order_for(self.ordering, self.num_blocks, epoch)
+            if not isinstance(saved_order, (list, tuple)) or list(saved_order) != list(order):
+                raise ValueError(
+                    f"Invalid state dict: block-epoch {epoch} was saved with order {saved_order!r}, this optimizer's "
+                    f"ordering gives {list(order)}; the ordering options (seed, start_block) differ."
+                )
         if position >= len(order):
             raise ValueError(
                 f"Invalid state dict: schedule.position is {position}; accepted: 0 ... {len(order) - 1} for order {list(order)}."
             )
-        return attrs.evolve(
-            self, block_epoch=epoch, position=position, order=order, step_in_block=step_in_block, global_step=global_step
-        )
+        return attrs.evolve(self, block_epoch=epoch, position=position, order=order, step_in_block=step_in_block,
+                            global_step=global_step, observed=observed)

@@ -26,6 +26,7 @@ from torch import nn
 from bcd.blocks import Partition, check_rows, trainable_parameters
 from bcd.construction import owner_of
 from bcd.contracts import check
+from bcd.observe import Observations, observes
 from bcd.optimizer import BlockCoordinateOptimizer
 
 
@@ -88,15 +89,19 @@ def check_ordering(ordering: object, num_blocks: int, epochs: int = 4) -> list[l
     """An ordering honours its contract for ``num_blocks`` blocks; returns its orders for ``epochs`` block-epochs.
 
     Checked: the Protocol (``order``); every order non-empty with indices in ``0 ... num_blocks - 1``;
-    the same order when asked twice (what exact resume relies on).
+    the same order when asked twice (what exact resume relies on). An observing ordering is asked
+    with nothing observed at block-epoch 0 and with every block observed (norms 1 ... D) after.
     """
     check("ordering", ordering)
     orders = []
     for epoch in range(epochs):
-        order = [int(i) for i in ordering.order(num_blocks, epoch)]
+        observed = (Observations.empty(num_blocks) if epoch == 0 else
+                    Observations(grad_norm=[1.0 + b for b in range(num_blocks)], visits=[epoch] * num_blocks))
+        args = (num_blocks, epoch, observed) if observes(ordering) else (num_blocks, epoch)
+        order = [int(i) for i in ordering.order(*args)]
         assert order, f"block-epoch {epoch}: empty order"
         assert all(0 <= i < num_blocks for i in order), f"block-epoch {epoch}: {order} has indices outside 0 ... {num_blocks - 1}"
-        assert [int(i) for i in ordering.order(num_blocks, epoch)] == order, f"block-epoch {epoch}: not a pure function"
+        assert [int(i) for i in ordering.order(*args)] == order, f"block-epoch {epoch}: not a pure function"
         orders.append(order)
     return orders
 

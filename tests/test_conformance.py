@@ -11,6 +11,7 @@ import torch
 
 import bcd
 from bcd.blocks import parse_entry
+from bcd.observe import observes
 from bcd import plugins, testing
 
 from conftest import CASES, Case, snapshot
@@ -18,7 +19,8 @@ from conftest import CASES, Case, snapshot
 K = 2
 
 SOLVERS = {"adam": {}, "adamw": {"weight_decay": 0.1}, "sgd": {"momentum": 0.9}}
-ORDERINGS = {"ascending": {}, "descending": {}, "random": {"seed": 3}, "fixed": {"start_block": 1}}
+ORDERINGS = {"ascending": {}, "descending": {}, "random": {"seed": 3}, "fixed": {"start_block": 1},
+             "importance": {"seed": 3}}
 
 
 # Options for the registered plugins that need some; the rest are built with none. Driven by the
@@ -71,8 +73,11 @@ def test_every_partitioner_honours_its_contract(case_name: str, partitioner: str
 
 @pytest.mark.parametrize("ordering", ORDERING_NAMES)
 def test_every_ordering_honours_its_contract(ordering: str):
-    orders = testing.check_ordering(plugins.create("ordering", ordering, ORDERINGS.get(ordering, {})), num_blocks=5)
-    if ordering != "fixed":
+    created = plugins.create("ordering", ordering, ORDERINGS.get(ordering, {}))
+    orders = testing.check_ordering(created, num_blocks=5)
+    if observes(created):  # D draws a block-epoch; the first visits every block, to observe it
+        assert sorted(orders[0]) == list(range(5)) and all(len(o) == 5 for o in orders)
+    elif ordering != "fixed":
         assert all(sorted(o) == list(range(5)) for o in orders)  # a block-epoch visits every block once
 
 
@@ -82,6 +87,11 @@ def test_every_ordering_honours_its_contract(ordering: str):
 @pytest.mark.parametrize("case_name", list(CASES))
 def test_invariants(case_name: str, partitioner: str, ordering: str, solver: str):
     case = CASES[case_name]
+    if observes(plugins.create("ordering", ordering, ORDERINGS[ordering])) and plugins.create(
+            "partitioner", partitioner, partitioner_options(partitioner, case, case.model())).dynamic:
+        with pytest.raises(ValueError, match="observing ordering with a static partitioner"):
+            build(case, partitioner, ordering, solver)
+        return
     model, optimizer = build(case, partitioner, ordering, solver)
     steps = 3 * K * len(optimizer.blocks) if ordering != "fixed" else 3 * K
     testing.check_invariants(model, optimizer, case.loss, steps)

@@ -22,7 +22,7 @@ def make(case, dtype, order, partitioner="layer", partitioner_options=None):
     optimizer = bcd.BlockCoordinateOptimizer(
         model, lr=1e-2, switch_every=K, partitioner=partitioner,
         partitioner_options=partitioner_options or {}, order=order,
-        order_options={"seed": 7} if order == "random" else {}, solver="adamw",
+        order_options={"seed": 7} if order in ("random", "importance") else {}, solver="adamw",
         solver_options={"weight_decay": 0.1}, no_decay=True,
     )
     return model, optimizer
@@ -45,12 +45,15 @@ def roundtrip(obj):
         ("random", "layer", {}),
         ("random", "random-subset", {"num_blocks": 3, "seed": 2, "redraw": True}),
         ("random", "layer", {"max_block_params": 300}),
+        ("importance", "layer", {}),
     ],
-    ids=["ascending", "descending", "random", "random-subset-redraw", "random-row-blocks"],
+    ids=["ascending", "descending", "random", "random-subset-redraw", "random-row-blocks", "importance"],
 )
 def test_resume_mid_block_is_bit_identical(order, partitioner, options, dtype):
     case = CASES["llama"]
-    total, cut = 5 * K + 1, 2 * K + 1 + 3 * K  # cut lands mid-block, in the second block-epoch
+    # The cut lands mid-block (with D = 4, in the second block-epoch) and the rest runs on, with
+    # D = 4 two block-epochs further: orders an observing ordering draws after the cut.
+    total, cut = 12 * K + 1, 2 * K + 1 + 3 * K
     model, optimizer = make(case, dtype, order, partitioner, options)
     reference_losses = train(model, optimizer, case, total)
     reference = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -58,6 +61,7 @@ def test_resume_mid_block_is_bit_identical(order, partitioner, options, dtype):
     model, optimizer = make(case, dtype, order, partitioner, options)
     first = train(model, optimizer, case, cut)
     assert optimizer.step_in_block not in (0,), "the cut must be mid-block"
+    cut_epoch = optimizer.block_epoch
     model_state, optimizer_state = roundtrip(model.state_dict()), roundtrip(optimizer.state_dict())
     del model, optimizer
 
@@ -66,6 +70,9 @@ def test_resume_mid_block_is_bit_identical(order, partitioner, options, dtype):
     fresh_optimizer.load_state_dict(optimizer_state)
     second = train(fresh_model, fresh_optimizer, case, total - cut, start=cut)
 
+    assert len(second) == total - cut
+    if order == "importance":  # drew later orders from the restored observations
+        assert fresh_optimizer.block_epoch >= cut_epoch + 2
     assert first + second == reference_losses
     for name, param in fresh_model.named_parameters():
         assert torch.equal(param, reference[name]), name

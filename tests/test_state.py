@@ -19,14 +19,14 @@ from conftest import CASES, train
 K, SEED = 3, 7
 
 
-def make():
+def make(order="random", steps=K + 1):
     case = CASES["llama"]
     model = case.model(dtype=torch.bfloat16)
     optimizer = bcd.BlockCoordinateOptimizer(
-        model, lr=1e-2, switch_every=K, order="random", order_options={"seed": SEED}, solver="adamw",
+        model, lr=1e-2, switch_every=K, order=order, order_options={"seed": SEED}, solver="adamw",
         solver_options={"weight_decay": 0.1}, no_decay=True,
     )
-    train(model, optimizer, case, K + 1)  # mid-visit of the second block: solver state and masters exist
+    train(model, optimizer, case, steps)  # mid-visit: solver state and masters exist
     return model, optimizer
 
 
@@ -142,6 +142,21 @@ CASES_ = {
     "moment of integers": (moment(lambda m: m.to(torch.int64)), r"\['exp_avg'\] has dtype torch.int64"),
     "switches < 0": (set_in(["switches"], -1), r"switches is -1; accepted: an integer >= 0"),
     "state for parameter 99": (set_in(["solver_state", "state"], lambda s: {**s, 99: s[0]}), r"has entry 99"),
+    "observed not a dict": (set_in(["schedule", "observed"], 3), r"schedule.observed is 3; accepted: a dict"),
+    "observed without visits": (drop("schedule", "observed", "visits"), r"schedule.observed is .*accepted: a dict with"),
+    "grad_norm of one block": (set_in(["schedule", "observed", "grad_norm"], [None]), r"grad_norm is \[None\]; accepted: 4"),
+    "visits a string": (set_in(["schedule", "observed", "visits"], "0000"), r"visits is '0000'; accepted: 4 integers"),
+    "a visit without a norm": (set_in(["schedule", "observed", "visits"], [1, 0, 0, 0]), r"disagree"),
+    "running NaN": (set_in(["schedule", "observed", "running"], float("nan")), r"running is nan"),
+    "running_steps = K": (set_in(["schedule", "observed", "running_steps"], K), r"running_steps is 3; accepted: 0 ... 2"),
+}
+# An observing ordering (importance): its saved order is the record, checked for range, and its
+# observations decide every later order. Cut after block-epoch 0, in a drawn block-epoch.
+IMPORTANCE_CASES = {
+    "order past the blocks": (set_in(["schedule", "order"], [0, 4]), r"schedule.order is \[0, 4\]; accepted: a non-empty"),
+    "empty order": (set_in(["schedule", "order"], []), r"schedule.order is \[\]"),
+    "a negative norm": (set_in(["schedule", "observed", "grad_norm"], lambda g: [-1.0, *g[1:]]), r"grad_norm is \[-1.0"),
+    "a norm unobserved": (set_in(["schedule", "observed", "grad_norm"], lambda g: [None, *g[1:]]), r"disagree"),
 }
 
 
@@ -161,9 +176,17 @@ def test_the_table_is_large_enough():
 
 @pytest.mark.parametrize("name", list(CASES_))
 def test_a_malformed_state_dict_is_refused_and_changes_nothing(name):
-    mutate, match = CASES_[name]
-    model, optimizer = make()
-    twin_model, twin = make()
+    refused_and_unchanged(*CASES_[name])
+
+
+@pytest.mark.parametrize("name", list(IMPORTANCE_CASES))
+def test_an_observing_orderings_malformed_state_is_refused_and_changes_nothing(name):
+    refused_and_unchanged(*IMPORTANCE_CASES[name], order="importance", steps=5 * K + 1)
+
+
+def refused_and_unchanged(mutate, match, order="random", steps=K + 1):
+    model, optimizer = make(order, steps)
+    twin_model, twin = make(order, steps)
     saved = copy.deepcopy(optimizer.state_dict())
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -174,5 +197,5 @@ def test_a_malformed_state_dict_is_refused_and_changes_nothing(name):
     assert deep_equal(optimizer.state_dict(), saved)
     # ... and training goes on exactly like an optimizer that never saw the bad dict.
     case = CASES["llama"]
-    assert train(model, optimizer, case, 2 * K, start=K + 1) == train(twin_model, twin, case, 2 * K, start=K + 1)
+    assert train(model, optimizer, case, 2 * K, start=steps) == train(twin_model, twin, case, 2 * K, start=steps)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin_model.parameters()))
