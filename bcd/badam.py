@@ -47,8 +47,8 @@ class BAdam(BlockCoordinateOptimizer):
       encoder (docs/benchmarks.md, "Quality"), BAdam wanted about 4x the rate that suited AdamW.
 
     Fine-tuning a pretrained model on a small labelled set for a few hundred steps, the measured
-    recommendation is ``lr`` = 4x AdamW's, K = steps / (3D) and ``include_embedding=False``
-    (docs/user-guide.md, "Learning rate and K").
+    recommendation is ``lr`` = 4x AdamW's, K = steps / (3D), ``include_embedding=False`` and
+    ``order="importance"`` (docs/user-guide.md, "Learning rate and K").
 
     Args:
         model: the model, ideally in bf16 (fp32 master copies then exist for the active block only).

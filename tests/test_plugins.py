@@ -22,7 +22,7 @@ def test_builtins_come_from_the_bcd_entry_points():
 
 
 def test_unknown_name_lists_the_registered_ones():
-    with pytest.raises(ValueError, match=r"Unknown ordering: 'zigzag'; registered orderings: ascending, descending, fixed, random"):
+    with pytest.raises(ValueError, match=r"Unknown ordering: 'zigzag'; registered orderings: ascending, descending, fixed, importance, random"):
         plugins.lookup("ordering", "zigzag")
     with pytest.raises(ValueError, match=r"Unknown plugin kind: 'loss'"):
         plugins.lookup("loss", "x")
