@@ -45,8 +45,11 @@ def gradient_norm(params: Iterable[torch.Tensor]) -> float | None:
         norm = torch.linalg.vector_norm(param.grad)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
-        norms.append(norm.float().cpu())
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
+        norms.append(norm.float())
+    if not norms:
+        return None
+    # One host sync for the block, not one per tensor.
+    return float(torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms])))
 
 
 def _fail(message: str) -> None:
