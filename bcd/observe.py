@@ -24,6 +24,8 @@ from typing import Any
 import attrs
 import torch
 
+from bcd.distributed import sharded
+
 OBSERVED_KEYS = ("grad_norm", "visits", "running", "running_steps")
 
 
@@ -43,7 +45,7 @@ def gradient_norm(params: Iterable[torch.Tensor]) -> float | None:
         if param.grad is None:
             continue
         norm = torch.linalg.vector_norm(param.grad)
-        if hasattr(norm, "full_tensor"):
+        if sharded(norm):
             norm = norm.full_tensor()
         norms.append(norm.float())
     if not norms:

@@ -29,6 +29,11 @@ from bcd.observe import Observations, observes
 SCHEDULE_KEYS = ("block_epoch", "position", "order", "step_in_block", "global_step")
 
 
+def _indices(order: Any, num_blocks: int) -> bool:
+    """Whether ``order`` is a non-empty sequence of block indices ``0 ... num_blocks - 1`` (ints, not bools)."""
+    return bool(order) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_blocks for i in order)
+
+
 def order_for(ordering: Ordering, num_blocks: int, epoch: int, observed: Observations | None = None) -> tuple[int, ...]:
     """The ordering's order for block-epoch ``epoch``, checked; an observing ordering also gets ``observed``.
 
@@ -40,7 +45,7 @@ def order_for(ordering: Ordering, num_blocks: int, epoch: int, observed: Observa
     else:
         proposed = ordering.order(num_blocks, epoch)
     order = tuple(int(i) for i in proposed)
-    if not order or any(not 0 <= i < num_blocks for i in order):
+    if not _indices(order, num_blocks):
         raise ValueError(
             f"Invalid order from ordering {type(ordering).__name__}: {list(order)}; accepted: block indices "
             f"0 ... {num_blocks - 1}, at least one."
@@ -162,8 +167,7 @@ class BlockSchedule:
                     else Observations.empty(self.num_blocks))  # absent from dicts saved before it was recorded
         if observes(self.ordering):
             # The order came from what was observed before this block-epoch: the saved one is the record.
-            if not isinstance(saved_order, (list, tuple)) or not saved_order or not all(
-                    isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.num_blocks for i in saved_order):
+            if not isinstance(saved_order, (list, tuple)) or not _indices(saved_order, self.num_blocks):
                 raise ValueError(f"Invalid state dict: schedule.order is {saved_order!r:.80}; accepted: a non-empty list "
                                  f"of block indices 0 ... {self.num_blocks - 1}.")
             order = tuple(saved_order)

@@ -51,8 +51,8 @@ def roundtrip(obj):
 )
 def test_resume_mid_block_is_bit_identical(order, partitioner, options, dtype):
     case = CASES["llama"]
-    # The cut lands mid-block (with D = 4, in the second block-epoch) and the rest runs on, with
-    # D = 4 two block-epochs further: orders an observing ordering draws after the cut.
+    # The cut lands mid-block; with D = 4 it is in the second block-epoch and the run goes on into
+    # the fourth, so an observing ordering draws two orders from the restored observations.
     total, cut = 12 * K + 1, 2 * K + 1 + 3 * K
     model, optimizer = make(case, dtype, order, partitioner, options)
     reference_losses = train(model, optimizer, case, total)

@@ -30,6 +30,11 @@ def _check_start(start_block: int, num_blocks: int) -> None:
         raise ValueError(f"Invalid start_block: {start_block!r}; accepted: a block index 0 ... {num_blocks - 1} or a block name.")
 
 
+def _generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator of block-epoch ``epoch``'s draws: a function of the seed and the epoch only."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
 def _rotated(order: list[int], start_block: int) -> list[int]:
     at = order.index(start_block)
     return order[at:] + order[:at]
@@ -71,8 +76,7 @@ class Random:
     start_block: int | None = attrs.field(default=None, validator=_int_or_none)
 
     def order(self, num_blocks: int, epoch: int) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(num_blocks, generator=generator).tolist()
+        order = torch.randperm(num_blocks, generator=_generator(self.seed, epoch)).tolist()
         if self.start_block is None or epoch != 0:
             return order
         _check_start(self.start_block, num_blocks)
@@ -119,11 +123,12 @@ class Importance:
     mix: float = attrs.field(default=0.5, validator=_fraction)
 
     def order(self, num_blocks: int, epoch: int, observed) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        generator = _generator(self.seed, epoch)
         if epoch == 0 or any(g is None for g in observed.grad_norm):
             return torch.randperm(num_blocks, generator=generator).tolist()
         norms = torch.tensor(observed.grad_norm, dtype=torch.float64)
-        share = norms / norms.sum() if norms.sum() > 0 else torch.full_like(norms, 1 / num_blocks)
+        total = norms.sum()
+        share = norms / total if total > 0 else torch.full_like(norms, 1 / num_blocks)
         weights = (1 - self.mix) * share + self.mix / num_blocks
         return torch.multinomial(weights, num_blocks, replacement=True, generator=generator).tolist()
 
