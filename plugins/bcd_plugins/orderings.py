@@ -25,6 +25,11 @@ def _int_or_none(instance, attribute, value) -> None:
                          (" (a block index) or a block name." if attribute.name == "start_block" else "."))
 
 
+def _int(instance, attribute, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"Invalid {attribute.name}: {value!r}; accepted: an integer.")
+
+
 def _check_start(start_block: int, num_blocks: int) -> None:
     if isinstance(start_block, bool) or not isinstance(start_block, int) or not 0 <= start_block < num_blocks:
         raise ValueError(f"Invalid start_block: {start_block!r}; accepted: a block index 0 ... {num_blocks - 1} or a block name.")
@@ -72,7 +77,7 @@ class Random:
     With ``start_block`` the first block-epoch's permutation is rotated to begin there.
     """
 
-    seed: int = attrs.field(default=0, validator=_int_or_none)
+    seed: int = attrs.field(default=0, validator=_int)
     start_block: int | None = attrs.field(default=None, validator=_int_or_none)
 
     def order(self, num_blocks: int, epoch: int) -> list[int]:
@@ -119,7 +124,7 @@ class Importance:
     """
 
     observes: ClassVar[bool] = True
-    seed: int = attrs.field(default=0, validator=_int_or_none)
+    seed: int = attrs.field(default=0, validator=_int)
     mix: float = attrs.field(default=0.5, validator=_fraction)
 
     def order(self, num_blocks: int, epoch: int, observed) -> list[int]:

@@ -73,6 +73,13 @@ def test_importance_is_a_pure_function_of_options_arguments_and_observations():
         importance(4, 6, norms, seed=2) != importance(4, 6, norms, seed=3)
 
 
+@pytest.mark.parametrize("name", ["random", "importance"])
+@pytest.mark.parametrize("seed", [None, 1.5, "7", True])
+def test_a_seed_that_is_not_an_integer_is_refused_at_construction(name, seed):
+    with pytest.raises(ValueError, match=rf"Invalid seed: {seed!r}; accepted: an integer\."):
+        plugins.create("ordering", name, {"seed": seed})
+
+
 @pytest.mark.parametrize("mix", [-0.1, 1.5, "half", True])
 def test_importance_mix_out_of_range_is_refused(mix):
     with pytest.raises(ValueError, match=rf"Invalid mix: {mix!r}; accepted: a number from 0 to 1"):
