@@ -11,8 +11,9 @@ so that precision does not mix into the comparison. Writes ``results.json``, ``r
 each row differs from it in one thing.
 
     python tools/bench_quality.py                      # the five default methods (about 110 minutes, 2 CPU cores)
-    # the table in docs/benchmarks.md: the defaults and bcd-warmup at bcd-layers' rate
-    python tools/bench_quality.py --methods adamw,bcd,bcd-layers,bcd-importance,lora,bcd-warmup --rates 'bcd-warmup=2e-4'
+    # the table in docs/benchmarks.md: the defaults, bcd-warmup at bcd-layers' rate, bcd-sgd
+    python tools/bench_quality.py --methods adamw,bcd,bcd-layers,bcd-importance,lora,bcd-warmup,bcd-sgd \
+        --rates 'bcd-warmup=2e-4;bcd-importance=1e-4/2e-4/3e-4/4e-4'
     python tools/bench_quality.py --report             # rewrite table, JSON and plot from the journal, running nothing
     python tools/bench_quality.py --quick              # smoke run: a few steps, one rate, one seed
 """
