@@ -2,7 +2,24 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+
+def is_number(value: Any) -> bool:
+    """Whether ``value`` is a finite int or float (``bool`` is not a number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def integer(label: str, value: Any) -> int:
+    """``value`` if it is an integer (``bool`` is not accepted).
+
+    Raises:
+        ValueError: naming ``label``, the value received and what is accepted.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"Invalid {label}: {value!r}; accepted: an integer.")
+    return value
 
 
 def positive_int(label: str, value: Any) -> int:

@@ -9,21 +9,18 @@ is refused before any tensor is updated.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from bcd.checks import is_number
+
 # Hyperparameters that must be >= 0 where the solver has them (torch checks them only as defaults).
 NON_NEGATIVE = ("lr", "eps", "weight_decay", "momentum", "dampening")
 # torch's Optional[bool] kernel choices: None means "torch decides" (a state dict saved on FSDP2 ranks has it).
 OPTIONAL_FLAGS = ("fused", "foreach")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_hyperparameters(where: str, hyper: Mapping[str, Any], defaults: Mapping[str, Any]) -> None:
@@ -42,13 +39,13 @@ def check_hyperparameters(where: str, hyper: Mapping[str, Any], defaults: Mappin
                 f"Invalid {where}: unknown hyperparameter {key!r}={value!r}; accepted: {', '.join(sorted(defaults))}."
             )
         default = defaults[key]
-        if _is_number(default) or (key == "lr" and isinstance(default, torch.Tensor)):
-            if not _is_number(value) or (key in NON_NEGATIVE and value < 0):
+        if is_number(default) or (key == "lr" and isinstance(default, torch.Tensor)):
+            if not is_number(value) or (key in NON_NEGATIVE and value < 0):
                 accepted = "a finite number >= 0" if key in NON_NEGATIVE else "a finite number"
                 raise ValueError(f"Invalid {where}: {key}={value!r}; accepted: {accepted}.")
-        elif isinstance(default, tuple) and default and all(_is_number(d) for d in default):
+        elif isinstance(default, tuple) and default and all(is_number(d) for d in default):
             if not (isinstance(value, (tuple, list)) and len(value) == len(default)
-                    and all(_is_number(v) and 0 <= v < 1 for v in value)):
+                    and all(is_number(v) and 0 <= v < 1 for v in value)):
                 raise ValueError(
                     f"Invalid {where}: {key}={value!r}; accepted: {len(default)} numbers in [0, 1), like {default!r}."
                 )

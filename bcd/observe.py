@@ -17,13 +17,13 @@ an observing ordering is still a pure function, of its options, its arguments an
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
 import torch
 
+from bcd.checks import is_number
 from bcd.distributed import sharded
 
 OBSERVED_KEYS = ("grad_norm", "visits", "running", "running_steps")
@@ -109,7 +109,7 @@ class Observations:
         grad_norm, visits = state["grad_norm"], state["visits"]
 
         def finite(value: Any) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+            return is_number(value) and value >= 0
 
         if not isinstance(grad_norm, (list, tuple)) or len(grad_norm) != num_blocks or not all(
                 v is None or finite(v) for v in grad_norm):

@@ -16,6 +16,7 @@ from typing import ClassVar
 import attrs
 import torch
 
+from bcd.checks import integer
 from bcd.hookspecs import hookimpl
 
 
@@ -26,8 +27,7 @@ def _int_or_none(instance, attribute, value) -> None:
 
 
 def _int(instance, attribute, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"Invalid {attribute.name}: {value!r}; accepted: an integer.")
+    integer(attribute.name, value)
 
 
 def _check_start(start_block: int, num_blocks: int) -> None:

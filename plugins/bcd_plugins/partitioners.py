@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from bcd.blocks import Block, Partition, block_numel, parse_entry
-from bcd.checks import flag, positive_int
+from bcd.checks import flag, integer, positive_int
 from bcd.hookspecs import hookimpl
 from bcd.layers import find_layer_stacks
 
@@ -31,8 +31,7 @@ def _flag(instance, attribute, value) -> None:
 
 
 def _int(instance, attribute, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"Invalid {attribute.name}: {value!r}; accepted: an integer.")
+    integer(attribute.name, value)
 
 
 def _limit(instance, attribute, value) -> None:
