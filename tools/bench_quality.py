@@ -191,13 +191,12 @@ def main() -> None:
 
     # The table and plot use seeds 0 ... --seeds - 1 only, whatever else the journal holds.
     seeded = [r for r in runs if r["seed"] < args.seeds]
-    rows, table = [], {}
+    rows = []
     for method, lr in best.items():
         row = [method, f"{lr:g}"]
         for task in TASKS:
             chosen = [r for r in seeded if (r["method"], r["lr"], r["task"]) == (method, lr, task)]
             acc = spread(100 * r["accuracy"] for r in chosen)
-            table[(method, task)] = acc
             row.append(f"{acc['median']:.1f} [{acc['min']:.1f}-{acc['max']:.1f}]")
         chosen = [r for r in seeded if (r["method"], r["lr"]) == (method, lr)]
         seeds = " / ".join(str(sum(r["task"] == t for r in chosen)) for t in TASKS)
