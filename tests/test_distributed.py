@@ -29,8 +29,8 @@ def build(dtype=torch.float32) -> nn.Module:
     return tiny_llama(layers=2).to(dtype)
 
 
-def optimizer_for(model: nn.Module, data_parallel: bool = False):
-    return bcd.BAdam(model, lr=1e-2, switch_every=K, order="random", seed=3, include_embedding=True,
+def optimizer_for(model: nn.Module, data_parallel: bool = False, order: str = "random"):
+    return bcd.BAdam(model, lr=1e-2, switch_every=K, order=order, seed=3, include_embedding=True,
                      include_head=True, data_parallel=data_parallel)
 
 
@@ -160,6 +160,19 @@ def work(rank: int, world: int, mode: str, out: str) -> None:
         model = trainer_run(out, world, gradient_checkpointing=True, ddp_find_unused_parameters=True)
     elif mode.startswith("trainer"):
         model = trainer_run(out, world, resume=mode == "trainer-resume")
+    elif mode == "fsdp2-importance":
+        model, forward = wrap(build(), "fsdp2", world)
+        optimizer = optimizer_for(model, order="importance")
+        active = []
+        for ids in batches(STEPS):
+            train(model, forward, optimizer, [ids], rank, world)
+            active.append(optimizer.schedule.active)
+        seen = (active, optimizer.schedule.observed.grad_norm)
+        gathered = [None] * world
+        dist.all_gather_object(gathered, seen)
+        assert all(other == seen for other in gathered), gathered  # the same norms and blocks on every rank
+        if rank == 0:
+            torch.save(torch.tensor(seen[1]), f"{out}.norms")
     else:
         model, forward = wrap(build(), mode, world)
         optimizer = optimizer_for(model, data_parallel=mode == "native")
@@ -211,6 +224,21 @@ def test_two_ranks_match_one_process(mode, tmp_path, single_process):
     result = torch.load(spawn(mode, tmp_path), weights_only=True)
     assert result.keys() == single_process.keys()
     for name, value in single_process.items():
+        torch.testing.assert_close(result[name], value, rtol=0, atol=1e-5, msg=name)
+
+
+def test_importance_order_on_two_fsdp2_ranks_matches_one_process(tmp_path, single_process):
+    """The order draws from gradient norms: each rank must see the full norm, not its shard's."""
+    model = build()
+    optimizer = optimizer_for(model, order="importance")
+    train(model, model, optimizer, batches(STEPS))
+    single = full_params(model)
+    assert any(not torch.equal(single[name], value) for name, value in single_process.items())  # another order
+    out = spawn("fsdp2-importance", tmp_path)
+    torch.testing.assert_close(torch.load(f"{out}.norms", weights_only=True),
+                               torch.tensor(optimizer.schedule.observed.grad_norm), rtol=1e-5, atol=0)
+    result = torch.load(out, weights_only=True)
+    for name, value in single.items():
         torch.testing.assert_close(result[name], value, rtol=0, atol=1e-5, msg=name)
 
 
