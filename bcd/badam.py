@@ -44,7 +44,8 @@ class BAdam(BlockCoordinateOptimizer):
     - ``weight_decay=0.0``: Algorithm 1 is plain Adam. A value you set is used exactly, with
       decoupled (AdamW) decay; with 0 the update is Adam's.
     - ``lr=1e-5``: a typical full-parameter fine-tuning rate; tune it. Measured on a pretrained
-      encoder (docs/benchmarks.md, "Quality"), BAdam wanted about 4x the rate that suited AdamW.
+      encoder (docs/benchmarks.md, "Quality"), BAdam wanted about 4x the rate that suited AdamW
+      at a constant rate (3x under a linear decay).
 
     Fine-tuning a pretrained model on a small labelled set for a few hundred steps, the measured
     recommendation is ``lr`` = 4x AdamW's, K = steps / (3D), ``include_embedding=False`` and
