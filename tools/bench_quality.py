@@ -141,7 +141,8 @@ def run(method: str, task: str, lr: float, seed: int, args: argparse.Namespace) 
             scheduler.step()
         if evaluating:
             curve.append((step + 1, evaluate(model, tokenizer, dev_texts, dev_labels)))
-    return {"method": method, "task": task, "lr": lr, "seed": seed, "schedule": args.schedule, "accuracy": curve[-1][1], "curve": curve,
+    return {"method": method, "task": task, "lr": lr, "seed": seed, "schedule": args.schedule,
+            "steps": args.steps, "batch": args.batch, "accuracy": curve[-1][1], "curve": curve,
             "seconds": time.perf_counter() - started, "optimizer_bytes": peak,
             "switch_every": getattr(optimizer, "switch_every", None), "blocks": len(getattr(optimizer, "blocks", ()))}
 
@@ -158,7 +159,7 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=4, help="bcd-warmup: linear warm-up steps at every switch")
     parser.add_argument("--schedule", choices=SCHEDULES, default="constant",
                         help="the rate over the run, for every method: constant (default) or linear decay to 0 "
-                             "(transformers' Trainer default); a run's schedule is part of its journal key")
+                             "(transformers' Trainer default); a run's schedule, steps and batch are part of its journal key")
     parser.add_argument("--seeds", type=int, default=3, help="seeds at the best rate (default 3)")
     parser.add_argument("--eval-every", type=int, default=96, help="dev evaluation period in steps (default 96)")
     parser.add_argument("--dev-limit", type=int, default=0, help="evaluate on the first N dev sentences (0: all)")
@@ -183,9 +184,12 @@ def main() -> None:
     bcd.plugins.registry()  # load the plugins now, not in the middle of an hour-long run
     # Each run is appended as it ends, and runs already there are not redone: a crash loses one run.
     journal = out / "runs.jsonl"
-    # Runs of another --schedule are kept in the journal and left out here (runs from before the option were constant).
+    # Runs of another --schedule, --steps or --batch are kept in the journal and left out here (runs
+    # journalled before those were recorded had the defaults). K and the warm-up are not recorded:
+    # give another --out to compare those.
+    setting = (args.schedule, args.steps, args.batch)
     runs = [json.loads(line) for line in journal.read_text().splitlines()] if journal.exists() else []
-    runs = [r for r in runs if r.get("schedule", "constant") == args.schedule]
+    runs = [r for r in runs if (r.get("schedule", "constant"), r.get("steps", 192), r.get("batch", 32)) == setting]
 
     def once(method: str, task: str, lr: float, seed: int) -> None:
         if args.report or any((r["method"], r["task"], r["lr"], r["seed"]) == (method, task, lr, seed) for r in runs):
