@@ -5,6 +5,7 @@ from bcd.badam import BAdam
 from bcd.blocks import Block, Partition
 from bcd.contracts import Ordering, Partitioner
 from bcd.events import BlockSwitch
+from bcd.expansion import LandscapeExpansion, landscape_expansion
 from bcd.hookspecs import hookimpl
 from bcd.optimizer import BlockCoordinateOptimizer, PrecisionNote
 from bcd.schedule import BlockSchedule
@@ -16,11 +17,13 @@ __all__ = [
     "BlockCoordinateOptimizer",
     "BlockSchedule",
     "BlockSwitch",
+    "LandscapeExpansion",
     "Ordering",
     "Partition",
     "Partitioner",
     "PrecisionNote",
     "hookimpl",
+    "landscape_expansion",
     "memory",
     "plugins",
     "switch_warmup",

@@ -142,6 +142,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         "loaded after a switch or after construction are what the fp32 master copies start from)."))
     master_copies = property(lambda self: self._block.masters, doc="The active block's master copies; None like solver.")
     buffers = property(lambda self: self._block.buffers, doc="The fp32 buffers kept across visits (bcd.buffers.Buffers).")
+    closed = property(lambda self: self._closed is not None, doc="Whether close() ran or a newer optimizer took over.")
 
     def register_block_switch_hook(self, hook: Callable[[BlockCoordinateOptimizer, BlockSwitch], None]) -> RemovableHandle:
         """Call ``hook(optimizer, event)`` at every block activation (start, switch, resume); returns a removable handle."""

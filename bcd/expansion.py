@@ -1,0 +1,155 @@
+r"""Landscape expansion (BREAD, NeurIPS 2025): a stateless step on the blocks backward crosses anyway.
+
+To reach the active block, backward runs through every block after it (for the ``layer``
+partitioner: the layers above it and the head). Their weight gradients cost one more matrix
+product each and no optimizer state, so the expansion lets backward produce them and spends
+each one at once, as autograd accumulates it, on a sign step:
+
+.. math::
+
+    \theta_j \leftarrow \theta_j - \eta_j\, s\, \operatorname{sign}(\nabla_{\theta_j} f)
+    \qquad \text{for every tensor } \theta_j \text{ of a block after the active one,}
+
+with :math:`\eta_j` the current rate of the tensor's group (schedulers apply) and :math:`s` the
+``scale``; with ``sign=False`` the step is plain SGD, :math:`\eta_j s \nabla f`. The gradient is
+dropped after its step, so at most one such gradient lives at a time and nothing is kept: the
+memory cost is that gradient and the inputs the extra weight gradients need saved in forward;
+blocks before the active one stay frozen and backward still stops at it. What the active block
+gets is unchanged: its solver's step at ``optimizer.step()``.
+
+The steps skip what ``optimizer.step()`` does for the active block: weight decay, gradient
+clipping (the gradient is gone before ``clip_grad_norm_`` runs), and accumulation: with N
+micro-batches per step each takes its own step, so divide ``scale`` by N. Expanded tensors are
+stepped in place, so they must be fp32 (a bf16 weight would lose every step smaller than half
+its spacing), and on one process: on several ranks the steps would need their gradients
+averaged first.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from bcd import distributed
+from bcd.checks import flag, is_number
+from bcd.events import BlockSwitch
+from bcd.optimizer import BlockCoordinateOptimizer
+
+
+#: The live expansion of each optimizer: a second one would step the same tensors twice.
+_LIVE: weakref.WeakKeyDictionary[BlockCoordinateOptimizer, LandscapeExpansion] = weakref.WeakKeyDictionary()
+
+
+class LandscapeExpansion:
+    """The expansion of one optimizer: which tensors it steps now, and its hooks.
+
+    Built by :func:`landscape_expansion`; :meth:`remove` undoes it (the optimizer's ``close()``
+    does too, at the next backward).
+    """
+
+    def __init__(self, optimizer: BlockCoordinateOptimizer, scale: float, sign: bool) -> None:
+        self.scale, self.sign = scale, sign
+        self._optimizer = weakref.ref(optimizer)
+        self._group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        #: The tensors stepped during this visit, by name.
+        self.expanded: dict[str, nn.Parameter] = {}
+        self._grad_hooks: list[RemovableHandle] = []
+        self._switch_hook = optimizer.register_block_switch_hook(self._on_switch)
+        self._on_switch(optimizer, None)
+        _LIVE[optimizer] = self
+
+    def _step(self, param: torch.Tensor) -> None:
+        """Spend ``param``'s freshly accumulated gradient on its step, then drop it."""
+        optimizer = self._optimizer()
+        if optimizer is None or optimizer.closed:
+            self.remove()
+            return
+        if param.grad is None:
+            return
+        rate = self._group_of[id(param)]["lr"] * self.scale
+        with torch.no_grad():
+            param.add_(param.grad.sign() if self.sign else param.grad, alpha=-rate)
+        param.grad = None
+
+    def _on_switch(self, optimizer: BlockCoordinateOptimizer, event: BlockSwitch | None) -> None:
+        """Move the expansion to the blocks after the block now active."""
+        active = set(optimizer.active_block.tensor_names)
+        self._release(keep=active)
+        after = optimizer.blocks[optimizer.active_block_index + 1:]
+        names = dict.fromkeys(n for block in after for n in block.tensor_names if n not in active)
+        candidates = optimizer.composition.candidates
+        self.expanded = {name: candidates[name] for name in names}
+        for param in self.expanded.values():
+            param.requires_grad_(True)
+            self._grad_hooks.append(param.register_post_accumulate_grad_hook(self._step))
+
+    def _release(self, keep: set[str] = frozenset()) -> None:
+        """Freeze the expanded tensors (except those in ``keep``, now the active block's) and drop their hooks."""
+        for handle in self._grad_hooks:
+            handle.remove()
+        self._grad_hooks.clear()
+        for name, param in self.expanded.items():
+            if name not in keep:
+                param.requires_grad_(False)
+                param.grad = None
+        self.expanded = {}
+
+    def remove(self) -> None:
+        """Stop expanding: hooks removed, the expanded tensors frozen again (or, if the optimizer is closed, left trainable). Idempotent."""
+        self._switch_hook.remove()
+        optimizer = self._optimizer()
+        if optimizer is not None and _LIVE.get(optimizer) is self:
+            del _LIVE[optimizer]
+        if optimizer is None or optimizer.closed:
+            for handle in self._grad_hooks:
+                handle.remove()
+            self._grad_hooks.clear()
+            self.expanded = {}
+        else:
+            self._release()
+
+
+def landscape_expansion(optimizer: BlockCoordinateOptimizer, scale: float, *, sign: bool = True) -> LandscapeExpansion:
+    """Step the blocks after the active one too, from the gradients backward computes on its way.
+
+    Args:
+        optimizer: a bcd optimizer on one process, over fp32 parameters.
+        scale: the expansion's rate as a multiple of each tensor's group rate, > 0 (0.25 is the
+            measured setting with ``sign=True``, docs/benchmarks.md "Quality").
+        sign: a sign step (default); False takes a plain SGD step, ``rate * scale * gradient``.
+
+    Returns:
+        The :class:`LandscapeExpansion`; ``remove()`` stops it. It keeps no state, so after a
+        resume (``load_state_dict``) call this again on the new optimizer.
+
+    Raises:
+        ValueError: a wrong optimizer, ``scale`` or ``sign``, a parameter that is not fp32, an
+            optimizer over several ranks or one with an expansion already; nothing is changed.
+    """
+    if not isinstance(optimizer, BlockCoordinateOptimizer):
+        raise ValueError(f"Invalid optimizer: {type(optimizer).__name__}; accepted: a bcd.BlockCoordinateOptimizer.")
+    if not is_number(scale) or scale <= 0:
+        raise ValueError(f"Invalid scale: {scale!r}; accepted: a finite number > 0.")
+    flag("sign", sign)
+    if optimizer.closed:
+        raise ValueError("Invalid optimizer: it is closed; accepted: the optimizer that drives the model now.")
+    if optimizer in _LIVE:
+        raise ValueError("Invalid optimizer: it has a landscape expansion already; accepted: an optimizer without "
+                         "one (call remove() on the first to replace it).")
+    if optimizer.data_parallel or optimizer.composition.awaiting_wrapper or distributed.world_size() > 1:
+        raise ValueError(
+            f"Invalid optimizer for landscape expansion: it runs on {distributed.world_size()} ranks "
+            f"(data_parallel={optimizer.data_parallel}); accepted: one process, where each expansion step "
+            "needs no averaged gradient.")
+    wrong = [(name, p.dtype) for name, p in optimizer.composition.candidates.items()
+             if p.dtype != torch.float32 or distributed.sharded(p)]
+    if wrong:
+        name, dtype = wrong[0]
+        raise ValueError(
+            f"Invalid parameter for landscape expansion: {name} is {dtype}"
+            f"{' and sharded' if distributed.sharded(optimizer.composition.candidates[name]) else ''}; accepted: "
+            "fp32 parameters, which the expansion steps in place (a bf16 weight loses steps below its spacing).")
+    return LandscapeExpansion(optimizer, scale, sign)

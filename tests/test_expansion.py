@@ -1,0 +1,144 @@
+"""landscape_expansion: sign steps on the blocks after the active one, as backward produces their gradients."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import bcd
+
+from conftest import CASES, snapshot, train
+
+BLOCKS = ["embedding", "layers.0", "layers.1", "layers.2", "head"]
+
+
+def build(seed: int = 0, start: int = 2, **options):
+    model = CASES["mlp"].model(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bcd.PrecisionNote)
+        optimizer = bcd.BlockCoordinateOptimizer(model, lr=0.05, switch_every=2, order_options={"start_block": start},
+                                                 **options)
+    return model, optimizer
+
+
+def full_gradients(model, step: int) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient at ``step``'s batch, from a trainable copy."""
+    twin = copy.deepcopy(model)
+    for param in twin.parameters():
+        param.requires_grad_(True)
+    CASES["mlp"].loss(twin, step).backward()
+    return {n: p.grad for n, p in twin.named_parameters()}
+
+
+def block_of(name: str) -> str:
+    return {"inp": "embedding", "out": "head"}.get(name.split(".")[0], ".".join(name.split(".")[:2]))
+
+
+@pytest.mark.parametrize("sign", [True, False])
+def test_blocks_after_the_active_one_take_the_step_and_those_before_stay_frozen(sign):
+    model, optimizer = build()
+    plain_model, plain = build()
+    bcd.landscape_expansion(optimizer, scale=0.5, sign=sign)
+    before, grads = snapshot(model), full_gradients(model, 0)
+    train(model, optimizer, CASES["mlp"], 1)
+    train(plain_model, plain, CASES["mlp"], 1)
+    for name, param in model.named_parameters():
+        block = BLOCKS.index(block_of(name))
+        if block > 2:  # layers.2 and the head: one step each, the gradient then dropped
+            step = grads[name].sign() if sign else grads[name]
+            torch.testing.assert_close(param.detach(), before[name] - 0.05 * 0.5 * step)
+            assert param.grad is None
+        elif block == 2:  # the active block: its solver's step, as without the expansion
+            assert torch.equal(param, dict(plain_model.named_parameters())[name])
+        else:
+            assert torch.equal(param, before[name]) and not param.requires_grad and param.grad is None
+
+
+def test_the_expansion_follows_the_active_block_and_remove_undoes_it():
+    model, optimizer = build(start=3)
+    expansion = bcd.landscape_expansion(optimizer, scale=0.5)
+    assert list(expansion.expanded) == ["out.weight", "out.bias"]
+    train(model, optimizer, CASES["mlp"], 2)  # K = 2: the switch to the head, the last block
+    assert optimizer.active_block.name == "head" and expansion.expanded == {}
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["out.weight", "out.bias"]
+    train(model, optimizer, CASES["mlp"], 2, start=2)  # ascending: back to the embedding, all after it expanded
+    assert optimizer.active_block.name == "embedding"
+    assert len(expansion.expanded) == 8 and all(p.requires_grad for p in model.parameters())
+    expansion.remove()
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["inp.weight", "inp.bias"]
+    before = snapshot(model)
+    train(model, optimizer, CASES["mlp"], 1, start=4)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if not n.startswith("inp."))
+
+
+def test_one_expansion_per_optimizer():
+    model, optimizer = build()
+    first = bcd.landscape_expansion(optimizer, scale=0.5)
+    with pytest.raises(ValueError, match="has a landscape expansion already"):
+        bcd.landscape_expansion(optimizer, scale=0.5)
+    assert list(first.expanded) == ["layers.2.weight", "layers.2.bias", "out.weight", "out.bias"]
+    first.remove()
+    second = bcd.landscape_expansion(optimizer, scale=0.5)
+    assert list(second.expanded) == ["layers.2.weight", "layers.2.bias", "out.weight", "out.bias"]
+
+
+def test_a_closed_optimizer_takes_its_expansion_down_with_it():
+    model, optimizer = build()
+    expansion = bcd.landscape_expansion(optimizer, scale=0.5)
+    optimizer.close()
+    before = snapshot(model)
+    CASES["mlp"].loss(model, 0).backward()  # everything trainable again, nothing stepped
+    assert all(torch.equal(p, before[n]) and p.grad is not None for n, p in model.named_parameters())
+    assert expansion.expanded == {}
+    with pytest.raises(ValueError, match="closed"):
+        bcd.landscape_expansion(optimizer, scale=0.5)
+
+
+def test_resume_with_the_expansion_is_exact():
+    def make():
+        model, optimizer = build(seed=1, start=1, order="random")
+        bcd.landscape_expansion(optimizer, scale=0.3)
+        return model, optimizer
+
+    model, optimizer = make()
+    train(model, optimizer, CASES["mlp"], 9)
+    reference = snapshot(model)
+    model, optimizer = make()
+    train(model, optimizer, CASES["mlp"], 3)  # mid-visit
+    saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()))
+    model, optimizer = make()
+    model.load_state_dict(saved[0])
+    optimizer.load_state_dict(saved[1])
+    train(model, optimizer, CASES["mlp"], 6, start=3)
+    assert all(torch.equal(p, reference[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"scale": 0}, r"Invalid scale: 0; accepted: a finite number > 0"),
+    ({"scale": float("nan")}, r"Invalid scale: nan"),
+    ({"scale": True}, r"Invalid scale: True"),
+    ({"scale": 0.5, "sign": 1}, r"Invalid sign: 1; accepted: True or False"),
+])
+def test_bad_arguments_are_refused_and_change_nothing(options, message):
+    model, optimizer = build()
+    trainable = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(ValueError, match=message):
+        bcd.landscape_expansion(optimizer, **options)
+    assert [p.requires_grad for p in model.parameters()] == trainable
+    with pytest.raises(ValueError, match=r"Invalid optimizer: SGD"):
+        bcd.landscape_expansion(torch.optim.SGD(model.parameters(), lr=0.1), scale=0.5)
+
+
+def test_bf16_parameters_and_several_ranks_are_refused(monkeypatch):
+    model = CASES["mlp"].model(0, torch.bfloat16)
+    optimizer = bcd.BlockCoordinateOptimizer(model, lr=0.05, switch_every=2)
+    with pytest.raises(ValueError, match=r"inp.weight is torch.bfloat16; accepted: fp32 parameters"):
+        bcd.landscape_expansion(optimizer, scale=0.5)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["inp.weight", "inp.bias"]
+    _, optimizer = build()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"runs on 2 ranks .*accepted: one process"):
+        bcd.landscape_expansion(optimizer, scale=0.5)
