@@ -9,14 +9,16 @@ so that precision does not mix into the comparison. Writes ``results.json``, ``r
 ``accuracy.png`` (dev accuracy against steps) to ``--out``; a run setting away from
 :data:`SETTING`'s values goes in the names (``results-schedule-linear.md``). The bcd remedies (``bcd-importance``,
 ``bcd-warmup``) and the SGD composition (``bcd-sgd``) are measured on ``bcd-layers``' partition, so
-each row differs from it in one thing.
+each row differs from it in one thing; ``bcd-expansion`` is ``bcd-importance`` with
+:func:`bcd.landscape_expansion`.
 
-    python tools/bench_quality.py                      # the five default methods (about 110 minutes, 2 CPU cores)
+    python tools/bench_quality.py                      # the six default methods (about 130 minutes, 2 CPU cores)
     # the table in docs/benchmarks.md: the defaults, bcd-warmup at bcd-layers' rate, bcd-sgd
-    python tools/bench_quality.py --methods adamw,bcd,bcd-layers,bcd-importance,lora,bcd-warmup,bcd-sgd \
+    python tools/bench_quality.py --methods adamw,bcd,bcd-layers,bcd-importance,lora,bcd-expansion,bcd-warmup,bcd-sgd \
         --rates 'bcd-warmup=2e-4;bcd-importance=1e-4/2e-4/3e-4/4e-4'
     python tools/bench_quality.py --report             # rewrite table, JSON and plot from the journal, running nothing
     python tools/bench_quality.py --schedule linear    # every method with the rate decayed linearly to 0 (the Trainer's default)
+    python tools/bench_quality.py --dropout start      # dropout from step 0 (the table's runs start it after the first evaluation)
     python tools/bench_quality.py --quick              # smoke run: a few steps, one rate, one seed
 """
 
@@ -44,14 +46,17 @@ SWEEP = {
     "bcd-layers": (2e-4, 4e-4),
     "bcd-importance": (2e-4, 4e-4),
     "lora": (1e-3, 2e-3),
+    "bcd-expansion": (2e-4,),  # bcd-importance's best rate; its scale's sweep is in docs/benchmarks.md
 }
 # Methods measured when asked for by --methods, not by default.
 EXTRA = {"bcd-warmup": (2e-4, 4e-4), "bcd-sgd": (1e-2, 3e-2, 1e-1)}
+# bcd-expansion: bcd-importance with bcd.landscape_expansion at this scale, sign steps (BREAD).
+EXPANSION_SCALE = 0.25
 RATES = {**SWEEP, **EXTRA}
 SCHEDULES = ("constant", "linear")
 # The run settings recorded with every run and part of its journal key, with the values that runs
 # journalled before they were recorded had. K and the warm-up are not among them: give another --out.
-SETTING = {"schedule": "constant", "steps": 192, "batch": 32}
+SETTING = {"schedule": "constant", "steps": 192, "batch": 32, "dropout": "first-eval"}
 
 
 def load(task: str, split: str) -> tuple[list[str], list[int]]:
@@ -86,12 +91,14 @@ def optimizer_for(method: str, model, lr: float, seed: int, args: argparse.Names
                         solver_options={"momentum": 0.9, "weight_decay": 0.01}, no_decay=True)
                 return bcd.BAdam(model, lr=lr, switch_every=switch_every, weight_decay=0.01, no_decay=True, seed=seed,
                                  include_embedding=method == "bcd",
-                                 order="importance" if method == "bcd-importance" else "random")
+                                 order="importance" if method in ("bcd-importance", "bcd-expansion") else "random")
 
             # K from the guidance in docs/user-guide.md: at least --block-epochs block-epochs over the run.
             optimizer = badam(args.switch_every or max(1, args.steps // (args.block_epochs * len(badam(1).blocks))))
         if method == "bcd-warmup":  # the warm-up at every visit, times the run's schedule
             return model, optimizer, bcd.switch_warmup(optimizer, steps=args.warmup_steps, base=decay(args.schedule, args.steps))
+        if method == "bcd-expansion":
+            bcd.landscape_expansion(optimizer, scale=EXPANSION_SCALE)
         return model, optimizer, None
     if method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -121,6 +128,10 @@ def evaluate(model, tokenizer, texts: list[str], labels: list[int], batch: int =
 def run(method: str, task: str, lr: float, seed: int, args: argparse.Namespace) -> dict:
     """One fine-tuning run: dev accuracy at every ``--eval-every`` steps and at the end."""
     model, tokenizer = build(seed)
+    # from_pretrained gives eval mode and evaluate() ends in train mode, so with "first-eval" (what
+    # the runs in docs/benchmarks.md used) dropout starts after the first evaluation; "start" is the usual way.
+    if args.dropout == "start":
+        model.train()
     model, optimizer, scheduler = optimizer_for(method, model, lr, seed, args)
     factor = decay(args.schedule, args.steps)
     if scheduler is None and factor is not None:
@@ -163,7 +174,10 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=4, help="bcd-warmup: linear warm-up steps at every switch")
     parser.add_argument("--schedule", choices=SCHEDULES, default="constant",
                         help="the rate over the run, for every method: constant (default) or linear decay to 0 "
-                             "(transformers' Trainer default); a run's schedule, steps and batch are part of its journal key")
+                             "(transformers' Trainer default); a run's schedule, steps, batch and dropout are part of its journal key")
+    parser.add_argument("--dropout", choices=("first-eval", "start"), default="first-eval",
+                        help="when dropout starts: after the first evaluation (default, the protocol of the table in "
+                             "docs/benchmarks.md) or at step 0; part of the journal key")
     parser.add_argument("--seeds", type=int, default=3, help="seeds at the best rate (default 3)")
     parser.add_argument("--eval-every", type=int, default=96, help="dev evaluation period in steps (default 96)")
     parser.add_argument("--dev-limit", type=int, default=0, help="evaluate on the first N dev sentences (0: all)")
@@ -188,7 +202,7 @@ def main() -> None:
     bcd.plugins.registry()  # load the plugins now, not in the middle of an hour-long run
     # Each run is appended as it ends, and runs already there are not redone: a crash loses one run.
     journal = out / "runs.jsonl"
-    # Runs of another setting (--schedule, --steps, --batch) are kept in the journal and left out here.
+    # Runs of another setting (--schedule, --steps, --batch, --dropout) are kept in the journal and left out here.
     setting = {key: getattr(args, key) for key in SETTING}
     runs = [json.loads(line) for line in journal.read_text().splitlines()] if journal.exists() else []
     runs = [r for r in runs if all(r.get(key, old) == setting[key] for key, old in SETTING.items())]
