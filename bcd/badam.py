@@ -49,7 +49,8 @@ class BAdam(BlockCoordinateOptimizer):
 
     Fine-tuning a pretrained model on a small labelled set for a few hundred steps, the measured
     recommendation is ``lr`` = 4x AdamW's, K = steps / (3D), ``include_embedding=False`` and
-    ``order="importance"`` (docs/user-guide.md, "Learning rate and K").
+    ``order="importance"`` (docs/user-guide.md, "Learning rate and K"), and for an fp32 model on
+    one process :func:`bcd.landscape_expansion` with ``scale=0.25`` on top.
 
     Args:
         model: the model, ideally in bf16 (fp32 master copies then exist for the active block only).
