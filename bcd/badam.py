@@ -50,8 +50,8 @@ class BAdam(BlockCoordinateOptimizer):
     Fine-tuning a pretrained model on a small labelled set for a few hundred steps, the measured
     recommendation is ``lr`` = 4x AdamW's, K = steps / (3D), ``include_embedding=False`` and
     ``order="importance"`` (docs/user-guide.md, "Learning rate and K"), and for an fp32 model on
-    one process :func:`bcd.landscape_expansion` with ``scale=0.25`` on top (its gain is measured
-    with the benchmark's dropout protocol, not yet with dropout from the first step).
+    one process :func:`bcd.landscape_expansion` with ``scale=0.25`` on top (docs/benchmarks.md,
+    "Quality", says what it gains under each dropout protocol).
 
     Args:
         model: the model, ideally in bf16 (fp32 master copies then exist for the active block only).
