@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from bcd import distributed
+from bcd.activation import remove_all
 from bcd.checks import flag, is_number
 from bcd.events import BlockSwitch
 from bcd.optimizer import BlockCoordinateOptimizer
@@ -67,8 +68,6 @@ class LandscapeExpansion:
         if optimizer is None or optimizer.closed:
             self.remove()
             return
-        if param.grad is None:
-            return
         rate = self._group_of[id(param)]["lr"] * self.scale
         with torch.no_grad():
             param.add_(param.grad.sign() if self.sign else param.grad, alpha=-rate)
@@ -87,10 +86,8 @@ class LandscapeExpansion:
             self._grad_hooks.append(param.register_post_accumulate_grad_hook(self._step))
 
     def _release(self, keep: set[str] = frozenset()) -> None:
-        """Freeze the expanded tensors (except those in ``keep``, now the active block's) and drop their hooks."""
-        for handle in self._grad_hooks:
-            handle.remove()
-        self._grad_hooks.clear()
+        """Freeze the expanded tensors (except those in ``keep``) and drop their hooks."""
+        remove_all(self._grad_hooks)
         for name, param in self.expanded.items():
             if name not in keep:
                 param.requires_grad_(False)
@@ -103,13 +100,8 @@ class LandscapeExpansion:
         optimizer = self._optimizer()
         if optimizer is not None and _LIVE.get(optimizer) is self:
             del _LIVE[optimizer]
-        if optimizer is None or optimizer.closed:
-            for handle in self._grad_hooks:
-                handle.remove()
-            self._grad_hooks.clear()
-            self.expanded = {}
-        else:
-            self._release()
+        # A closed optimizer made every candidate trainable again: leave them so.
+        self._release(keep=set(self.expanded) if optimizer is None or optimizer.closed else frozenset())
 
 
 def landscape_expansion(optimizer: BlockCoordinateOptimizer, scale: float, *, sign: bool = True) -> LandscapeExpansion:
@@ -144,12 +136,10 @@ def landscape_expansion(optimizer: BlockCoordinateOptimizer, scale: float, *, si
             f"Invalid optimizer for landscape expansion: it runs on {distributed.world_size()} ranks "
             f"(data_parallel={optimizer.data_parallel}); accepted: one process, where each expansion step "
             "needs no averaged gradient.")
-    wrong = [(name, p.dtype) for name, p in optimizer.composition.candidates.items()
-             if p.dtype != torch.float32 or distributed.sharded(p)]
-    if wrong:
-        name, dtype = wrong[0]
-        raise ValueError(
-            f"Invalid parameter for landscape expansion: {name} is {dtype}"
-            f"{' and sharded' if distributed.sharded(optimizer.composition.candidates[name]) else ''}; accepted: "
-            "fp32 parameters, which the expansion steps in place (a bf16 weight loses steps below its spacing).")
+    for name, param in optimizer.composition.candidates.items():
+        if param.dtype != torch.float32 or distributed.sharded(param):
+            raise ValueError(
+                f"Invalid parameter for landscape expansion: {name} is {param.dtype}"
+                f"{' and sharded' if distributed.sharded(param) else ''}; accepted: fp32 parameters, which the "
+                "expansion steps in place (a bf16 weight loses steps below its spacing).")
     return LandscapeExpansion(optimizer, scale, sign)
