@@ -8,14 +8,20 @@ each one at once, as autograd accumulates it, on a sign step:
 .. math::
 
     \theta_j \leftarrow \theta_j - \eta_j\, s\, \operatorname{sign}(\nabla_{\theta_j} f)
-    \qquad \text{for every tensor } \theta_j \text{ of a block after the active one,}
+    \qquad \text{for every tensor } \theta_j \text{ of an expanded block,}
 
 with :math:`\eta_j` the current rate of the tensor's group (schedulers apply) and :math:`s` the
 ``scale``; with ``sign=False`` the step is plain SGD, :math:`\eta_j s \nabla f`. The gradient is
 dropped after its step, so at most one such gradient lives at a time and nothing is kept: the
-memory cost is that gradient and the inputs the extra weight gradients need saved in forward;
-blocks before the active one stay frozen and backward still stops at it. What the active block
-gets is unchanged: its solver's step at ``optimizer.step()``.
+memory cost is that gradient and the inputs the extra weight gradients need saved in forward.
+What the active block gets is unchanged: its solver's step at ``optimizer.step()``.
+
+``reach`` says which blocks are expanded. ``"after"`` (BREAD's): the blocks after the active
+one; blocks before it stay frozen and backward still stops at the active block. ``"all"``: every
+block but the active one, so backward runs through the whole model, at full fine-tuning's
+backward time and activation memory (LoRA's too); the solver state stays one block's. On a short
+fine-tune it is what brings the lower blocks, which the ``"after"`` reach leaves to their own
+visits, up to AdamW's pace (docs/benchmarks.md, "Quality").
 
 The steps skip what ``optimizer.step()`` does for the active block: weight decay, gradient
 clipping (the gradient is gone before ``clip_grad_norm_`` runs), and accumulation: with N
@@ -40,6 +46,8 @@ from bcd.events import BlockSwitch
 from bcd.optimizer import BlockCoordinateOptimizer
 
 
+#: Which blocks an expansion steps: those after the active one, or all but the active one.
+REACHES = ("after", "all")
 #: The live expansion of each optimizer: a second one would step the same tensors twice.
 _LIVE: weakref.WeakKeyDictionary[BlockCoordinateOptimizer, LandscapeExpansion] = weakref.WeakKeyDictionary()
 
@@ -51,8 +59,8 @@ class LandscapeExpansion:
     does too, at the next backward).
     """
 
-    def __init__(self, optimizer: BlockCoordinateOptimizer, scale: float, sign: bool) -> None:
-        self.scale, self.sign = scale, sign
+    def __init__(self, optimizer: BlockCoordinateOptimizer, scale: float, sign: bool, reach: str) -> None:
+        self.scale, self.sign, self.reach = scale, sign, reach
         self._optimizer = weakref.ref(optimizer)
         self._group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
         #: The tensors stepped during this visit, by name.
@@ -74,11 +82,12 @@ class LandscapeExpansion:
         param.grad = None
 
     def _on_switch(self, optimizer: BlockCoordinateOptimizer, event: BlockSwitch | None) -> None:
-        """Move the expansion to the blocks after the block now active."""
+        """Move the expansion to the blocks ``reach`` names around the block now active."""
         active = set(optimizer.active_block.tensor_names)
         self._release(keep=active)
-        after = optimizer.blocks[optimizer.active_block_index + 1:]
-        names = dict.fromkeys(n for block in after for n in block.tensor_names if n not in active)
+        index = optimizer.active_block_index
+        reached = [b for i, b in enumerate(optimizer.blocks) if i > index or (self.reach == "all" and i < index)]
+        names = dict.fromkeys(n for block in reached for n in block.tensor_names if n not in active)
         candidates = optimizer.composition.candidates
         self.expanded = {name: candidates[name] for name in names}
         for param in self.expanded.values():
@@ -104,21 +113,25 @@ class LandscapeExpansion:
         self._release(keep=set(self.expanded) if optimizer is None or optimizer.closed else frozenset())
 
 
-def landscape_expansion(optimizer: BlockCoordinateOptimizer, scale: float, *, sign: bool = True) -> LandscapeExpansion:
-    """Step the blocks after the active one too, from the gradients backward computes on its way.
+def landscape_expansion(optimizer: BlockCoordinateOptimizer, scale: float, *, sign: bool = True,
+                        reach: str = "after") -> LandscapeExpansion:
+    """Step the blocks after the active one too (or all of them), from the gradients backward computes.
 
     Args:
         optimizer: a bcd optimizer on one process, over fp32 parameters.
         scale: the expansion's rate as a multiple of each tensor's group rate, > 0 (0.25 is the
             measured setting with ``sign=True``, docs/benchmarks.md "Quality").
         sign: a sign step (default); False takes a plain SGD step, ``rate * scale * gradient``.
+        reach: ``"after"`` (default, BREAD's) expands the blocks after the active one, which
+            backward crosses anyway; ``"all"`` every block but the active one, with backward
+            through the whole model (its time and activation memory).
 
     Returns:
         The :class:`LandscapeExpansion`; ``remove()`` stops it. It keeps no state, so after a
         resume (``load_state_dict``) call this again on the new optimizer.
 
     Raises:
-        ValueError: a wrong optimizer, ``scale`` or ``sign``, a parameter that is not fp32, an
+        ValueError: a wrong optimizer, ``scale``, ``sign`` or ``reach``, a parameter that is not fp32, an
             optimizer over several ranks or one with an expansion already; nothing is changed.
     """
     if not isinstance(optimizer, BlockCoordinateOptimizer):
@@ -126,6 +139,8 @@ def landscape_expansion(optimizer: BlockCoordinateOptimizer, scale: float, *, si
     if not is_number(scale) or scale <= 0:
         raise ValueError(f"Invalid scale: {scale!r}; accepted: a finite number > 0.")
     flag("sign", sign)
+    if reach not in REACHES:
+        raise ValueError(f"Invalid reach: {reach!r}; accepted: {' or '.join(map(repr, REACHES))}.")
     if optimizer.closed:
         raise ValueError("Invalid optimizer: it is closed; accepted: the optimizer that drives the model now.")
     if optimizer in _LIVE:
@@ -142,4 +157,4 @@ def landscape_expansion(optimizer: BlockCoordinateOptimizer, scale: float, *, si
                 f"Invalid parameter for landscape expansion: {name} is {param.dtype}"
                 f"{' and sharded' if distributed.sharded(param) else ''}; accepted: fp32 parameters, which the "
                 "expansion steps in place (a bf16 weight loses steps below its spacing).")
-    return LandscapeExpansion(optimizer, scale, sign)
+    return LandscapeExpansion(optimizer, scale, sign, reach)

@@ -1,4 +1,4 @@
-"""landscape_expansion: sign steps on the blocks after the active one, as backward produces their gradients."""
+"""landscape_expansion: sign steps on the blocks after the active one (or all others), as backward produces their gradients."""
 
 from __future__ import annotations
 
@@ -37,17 +37,19 @@ def block_of(name: str) -> str:
     return {"inp": "embedding", "out": "head"}.get(name.split(".")[0], ".".join(name.split(".")[:2]))
 
 
-@pytest.mark.parametrize("sign", [True, False])
-def test_blocks_after_the_active_one_take_the_step_and_those_before_stay_frozen(sign):
+@pytest.mark.parametrize(("sign", "reach"), [(True, "after"), (False, "after"), (True, "all")])
+def test_the_reached_blocks_take_the_step_and_the_others_stay_frozen(sign, reach):
     model, optimizer = build()
     plain_model, plain = build()
-    bcd.landscape_expansion(optimizer, scale=0.5, sign=sign)
+    bcd.landscape_expansion(optimizer, scale=0.5, sign=sign, reach=reach)
     before, grads = snapshot(model), full_gradients(model, 0)
     train(model, optimizer, CASES["mlp"], 1)
     train(plain_model, plain, CASES["mlp"], 1)
     for name, param in model.named_parameters():
         block = BLOCKS.index(block_of(name))
-        if block > 2:  # layers.2 and the head: one step each, the gradient then dropped
+        # layers.2 and the head (and with reach "all" the embedding and layers.0): one step each,
+        # the gradient then dropped
+        if block > 2 or (reach == "all" and block < 2):
             step = grads[name].sign() if sign else grads[name]
             torch.testing.assert_close(param.detach(), before[name] - 0.05 * 0.5 * step)
             assert param.grad is None
@@ -72,6 +74,18 @@ def test_the_expansion_follows_the_active_block_and_remove_undoes_it():
     before = snapshot(model)
     train(model, optimizer, CASES["mlp"], 1, start=4)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if not n.startswith("inp."))
+
+
+def test_reach_all_follows_the_active_block_over_every_other_block():
+    model, optimizer = build(start=3)
+    expansion = bcd.landscape_expansion(optimizer, scale=0.5, reach="all")
+    everything = [n for n, _ in model.named_parameters()]
+    assert list(expansion.expanded) == [n for n in everything if not n.startswith("layers.2.")]
+    train(model, optimizer, CASES["mlp"], 2)  # the switch to the head
+    assert list(expansion.expanded) == [n for n in everything if not n.startswith("out.")]
+    assert all(p.requires_grad for p in model.parameters())
+    expansion.remove()
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["out.weight", "out.bias"]
 
 
 def test_one_expansion_per_optimizer():
@@ -121,6 +135,7 @@ def test_resume_with_the_expansion_is_exact():
     ({"scale": float("nan")}, r"Invalid scale: nan"),
     ({"scale": True}, r"Invalid scale: True"),
     ({"scale": 0.5, "sign": 1}, r"Invalid sign: 1; accepted: True or False"),
+    ({"scale": 0.5, "reach": "before"}, r"Invalid reach: 'before'; accepted: 'after' or 'all'"),
 ])
 def test_bad_arguments_are_refused_and_change_nothing(options, message):
     model, optimizer = build()
