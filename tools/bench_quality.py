@@ -143,7 +143,7 @@ def run(method: str, task: str, lr: float, seed: int, args: argparse.Namespace) 
     """One fine-tuning run: dev accuracy at every ``--eval-every`` steps and at the end."""
     model, tokenizer = build(seed)
     # from_pretrained gives eval mode and evaluate() ends in train mode, so with "first-eval" (the
-    # first table in docs/benchmarks.md) dropout starts after the first evaluation; "start" is the usual way.
+    # second table in docs/benchmarks.md) dropout starts after the first evaluation; "start" is the usual way.
     if args.dropout == "start":
         model.train()
     model, optimizer, scheduler = optimizer_for(method, model, lr, seed, args)
@@ -193,7 +193,7 @@ def main() -> None:
                              "(transformers' Trainer default); a run's schedule, steps, batch and dropout are part of its journal key")
     parser.add_argument("--dropout", choices=("start", "first-eval"), default="start",
                         help="when dropout starts: at step 0 (default, the usual protocol) or after the first "
-                             "evaluation (first-eval: the protocol of the first table in docs/benchmarks.md, "
+                             "evaluation (first-eval: the protocol of the second table in docs/benchmarks.md, "
                              "reached by accident); part of the journal key")
     parser.add_argument("--seeds", type=int, default=3, help="seeds at the best rate (default 3)")
     parser.add_argument("--eval-every", type=int, default=96, help="dev evaluation period in steps (default 96)")
