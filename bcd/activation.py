@@ -161,6 +161,11 @@ class ActiveBlock:
         rehome(self.solver, self.buffers)
         self.masters.load_state_dict(masters)
 
+    def check_unchanged(self) -> None:
+        """Refuse to step when a parameter's dtype or device changed since the visit's solver was built."""
+        if self.masters is not None:
+            self.masters.check_unchanged()
+
     def step(self) -> None:
         """One solver step on the masters from the block's gradients, rounded back into the model."""
         self.masters.step(self.solver)

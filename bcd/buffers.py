@@ -79,8 +79,12 @@ def _template(solver: torch.optim.Optimizer, group: Mapping, device: torch.devic
 
 
 def _owns_state(solver: torch.optim.Optimizer) -> bool:
-    """Whether bcd keeps ``solver``'s state in its buffers: torch's Adam or AdamW over plain tensors."""
-    return type(solver) in PREFILLED and not any(sharded(p) for g in solver.param_groups for p in g["params"])
+    """Whether bcd keeps ``solver``'s state in its buffers: torch's Adam or AdamW over plain fp32 tensors.
+
+    The buffers are fp32: an fp64 parameter (its own master) keeps fp64 moments of the solver's making.
+    """
+    params = [p for g in solver.param_groups for p in g["params"]]
+    return type(solver) in PREFILLED and all(p.dtype == torch.float32 and not sharded(p) for p in params)
 
 
 def prefill(solver: torch.optim.Optimizer, buffers: Buffers) -> None:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
 
 from bcd import commands
 
-NUMBER = {int: "an integer", float: "a number"}
+NUMBER = {int: "an integer", float: "a finite number"}
+#: The largest count any flag takes: past it a figure overflows or a run would never end.
+LARGEST = 10**9
 
 
 class _Parser(argparse.ArgumentParser):
@@ -20,17 +23,18 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _at_least(kind: type, minimum: float, strict: bool = False):
-    """An argparse type: ``kind`` parsed from text, refused below ``minimum`` (or at it, when ``strict``)."""
+def _at_least(kind: type, minimum: float, strict: bool = False, maximum: float = LARGEST):
+    """An argparse type: ``kind`` parsed from text, refused below ``minimum`` (or at it, when ``strict``) or above ``maximum``."""
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or value < minimum or (strict and value == minimum) or value != value:
+        if (value is None or not math.isfinite(value) or value < minimum or (strict and value == minimum)
+                or value > maximum):
             raise argparse.ArgumentTypeError(
-                f"{text!r}; accepted: {NUMBER[kind]} {'>' if strict else '>='} {minimum}")
+                f"{text!r}; accepted: {NUMBER[kind]} {'>' if strict else '>='} {minimum} and <= {maximum:g}")
         return value
 
     parse.__name__ = NUMBER[kind]
@@ -179,6 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as error:
         message = " ".join(str(error).split())  # one line, whatever the message held
         sys.stderr.write(f"bcd {args.command}: error: {message}\n")
+        return 2
+    except (MemoryError, RuntimeError) as error:  # torch's allocators raise RuntimeError (OutOfMemoryError on CUDA)
+        if not isinstance(error, MemoryError) and not any(t in str(error) for t in ("can't allocate memory", "out of memory")):
+            raise
+        sys.stderr.write(f"bcd {args.command}: error: out of memory ({' '.join(str(error).split())[:200]}); "
+                         "accepted: sizes this machine can hold: a smaller --batch, --seq or model\n")
         return 2
 
 

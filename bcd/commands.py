@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 
 import attrs
@@ -131,8 +130,8 @@ def run_profile(args: argparse.Namespace) -> int:
 
         def progress(label: str) -> None:
             bar.update(task, description=f"profiling {label}")
-            if not console.is_terminal:  # a bar shows nothing in a log or a pipe: a line per block instead
-                print(f"profiling {label}", file=sys.stderr, flush=True)
+            if not console.is_terminal:  # a bar shows nothing in a log or a pipe: a line per block instead,
+                print(f"profiling {label}", flush=True)  # on stdout: stderr holds only a refusal's one line
 
         result = profiler.profile(
             model, batch=args.batch, seq=args.seq, partitioner=args.partition, partitioner_options=options,

@@ -13,36 +13,61 @@ import os
 import sys
 import warnings
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
 import torch
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from bcd import checkpointing, contracts, distributed, plugins
 from bcd.blocks import Partition, check_rows, trainable_parameters
-from bcd.checks import flag, positive_int
-from bcd.groups import outer_groups
+from bcd.checks import flag, is_number, positive_int
+from bcd.groups import check_hyperparameters, outer_groups
 from bcd.observe import observes
 from bcd.precision import needs_master
 from bcd.schedule import BlockSchedule
 
 
-# The optimizer that drives each model now: a newer one over the same model takes over.
-_owners: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()
+# The optimizer that drives each parameter now, keyed by the tensor (not the module): a newer one
+# over the same model, or over a wrapper of it (nn.Sequential(model), DDP), takes over.
+_owners: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def owner_of(model: Any) -> Any:
-    """The open optimizer that drives ``model`` now, or None."""
-    ref = _owners.get(model) if isinstance(model, nn.Module) else None
-    owner = ref() if ref is not None else None
-    return owner if owner is not None and owner._closed is None else None
+    """The open optimizer that drives a parameter of ``model`` now, or None."""
+    if not isinstance(model, nn.Module):
+        return None
+    for param in model.parameters():
+        ref = _owners.get(param)
+        owner = ref() if ref is not None else None
+        if owner is not None and not owner.closed:
+            return owner
+    return None
 
 
-def claim(model: nn.Module, optimizer: Any) -> None:
-    """Record ``optimizer`` as the one driving ``model`` (held weakly)."""
-    _owners[model] = weakref.ref(optimizer)
+def claim(params: Iterable[nn.Parameter], optimizer: Any) -> None:
+    """Record ``optimizer`` as the one driving ``params`` (both held weakly)."""
+    ref = weakref.ref(optimizer)
+    for param in params:
+        _owners[param] = ref
+
+
+def candidates_of(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters bcd trains in ``model``, by qualified name: the candidates.
+
+    Those that require grad now, and those the optimizer driving the model (or a model it wraps)
+    took as candidates, which it may have frozen: what the user left trainable when the first
+    optimizer was built, whatever blocks are frozen now.
+
+    Raises:
+        ValueError: no parameter qualifies.
+    """
+    owner = owner_of(model)
+    known = {id(p) for p in owner.candidates.values()} if owner is not None else set()
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad or id(p) in known}
+    return params if params else trainable_parameters(model)
 
 
 def check_unreplaced(model: nn.Module, candidates: Mapping[str, nn.Parameter], names: Sequence[str]) -> None:
@@ -132,6 +157,31 @@ def check_partition(partition: Any, name: str, candidates: Mapping[str, nn.Param
     return partition
 
 
+def resolve_partition(model: nn.Module, partitioner: Any = "layer", options: Mapping[str, Any] | None = None,
+                      candidates: Mapping[str, nn.Parameter] | None = None) -> tuple[Any, str, Partition]:
+    """A partitioner (a registered name with options, or an object) and its checked block-epoch-0 partition.
+
+    The one way a name becomes a partition: the optimizer, ``bcd.memory.estimate`` and the
+    profiler all take it, so what one accepts the others accept.
+
+    Args:
+        model: the model.
+        partitioner: a registered name or a partitioner object.
+        options: options for a partitioner given by name.
+        candidates: the parameters to split; default :func:`candidates_of` the model.
+
+    Returns:
+        ``(partitioner object, its recorded name, partition)``.
+
+    Raises:
+        ValueError: an unknown name, bad options, or a partition that is not one of the candidates
+            (unknown names, row ranges that do not tile their tensor, row blocks of sharded tensors).
+    """
+    candidates = dict(candidates) if candidates is not None else candidates_of(model)
+    obj, name = contracts.resolve("partitioner", partitioner, options)
+    return obj, name, check_partition(obj.partition(model, candidates, 0), name, candidates, 0)
+
+
 @attrs.frozen(kw_only=True)
 class Composition:
     """The checked pieces an optimizer is wired from."""
@@ -177,6 +227,16 @@ def fast_kernels(factory: Callable[..., Any], options: dict[str, Any], candidate
     return options
 
 
+def _refuse_complex(candidates: Mapping[str, nn.Parameter]) -> None:
+    for name, param in candidates.items():
+        if param.is_complex():
+            raise ValueError(
+                f"Unsupported parameter: {name} is {param.dtype}; accepted: real floating-point parameters (bf16, fp16, "
+                "fp32, fp64). Freeze it (requires_grad=False) before building the optimizer, or train its real and "
+                "imaginary parts as two real parameters."
+            )
+
+
 def _refuse_sparse(model: nn.Module, candidates: Mapping[str, nn.Parameter]) -> None:
     for name, module in model.named_modules():
         if getattr(module, "sparse", False) and any(p is candidates.get(f"{name}.{n}") for n, p in module.named_parameters()):
@@ -187,14 +247,10 @@ def _refuse_sparse(model: nn.Module, candidates: Mapping[str, nn.Parameter]) -> 
             )
 
 
-def compose(model: Any, candidates: dict[str, nn.Parameter] | None, *, lr: Any, switch_every: Any, partitioner: Any,
+def compose(model: Any, *, lr: Any, switch_every: Any, partitioner: Any,
             partitioner_options: Any, order: Any, order_options: Any, solver: Any, solver_options: Any,
             no_decay: Any, groups: Any, data_parallel: Any) -> Composition:
     """Check and resolve the constructor's arguments; see :class:`bcd.BlockCoordinateOptimizer`.
-
-    Args:
-        candidates: the parameters to train, when a previous optimizer over the model knew them
-            (its blocks are frozen now); None reads them from ``requires_grad``.
 
     Raises:
         ValueError: any invalid argument; nothing has been changed.
@@ -210,15 +266,13 @@ def compose(model: Any, candidates: dict[str, nn.Parameter] | None, *, lr: Any, 
         if "lr" in solver_options:
             raise ValueError(f"lr given twice: lr={lr!r} and solver_options['lr']={solver_options['lr']!r}; give one.")
         solver_options["lr"] = lr
-    if "lr" in solver_options and not (
-            isinstance(solver_options["lr"], (int, float)) and not isinstance(solver_options["lr"], bool)
-            and solver_options["lr"] >= 0):
-        raise ValueError(f"Invalid lr: {solver_options['lr']!r}; accepted: a number >= 0.")
-    candidates = dict(candidates) if candidates is not None else trainable_parameters(model)
+    if "lr" in solver_options and not (is_number(solver_options["lr"]) and solver_options["lr"] >= 0):
+        raise ValueError(f"Invalid lr: {solver_options['lr']!r}; accepted: a finite number >= 0.")
+    candidates = candidates_of(model)
     _refuse_sparse(model, candidates)
+    _refuse_complex(candidates)
 
-    partitioner_obj, partitioner_name = contracts.resolve("partitioner", partitioner, partitioner_options)
-    partition = check_partition(partitioner_obj.partition(model, candidates, 0), partitioner_name, candidates, 0)
+    partitioner_obj, partitioner_name, partition = resolve_partition(model, partitioner, partitioner_options, candidates)
     order_options = _options("order_options", order_options)
     if isinstance(order_options.get("start_block"), str):
         order_options["start_block"] = partition.index(order_options["start_block"])
@@ -243,6 +297,9 @@ def compose(model: Any, candidates: dict[str, nn.Parameter] | None, *, lr: Any, 
             f"Invalid solver {solver_name!r}: its factory returned {type(probe).__name__}; accepted: a torch.optim.Optimizer."
         )
     defaults = dict(probe.defaults)
+    # torch checks some values (lr, betas) but not all (inf, a bool): the same checks as a group's.
+    check_hyperparameters(f"solver_options for solver {solver_name!r}",
+                          {k: v for k, v in solver_options.items() if k in defaults}, defaults)
     built_groups = outer_groups(candidates, partition.tensor_names, no_decay, groups, defaults)
     checkpointing.check(model)
     return Composition(

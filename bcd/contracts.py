@@ -11,6 +11,7 @@ same state dict).
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -69,6 +70,31 @@ def check(kind: str, obj: Any) -> None:
         )
     if kind == "partitioner" and not isinstance(obj.dynamic, bool):
         raise ValueError(f"Invalid partitioner: {type(obj).__name__}.dynamic is {obj.dynamic!r}; accepted: True or False.")
+    _check_signature(kind, obj)
+
+
+# The positional arguments each method is called with, by kind, and for an observing ordering.
+_CALLS = {"partitioner": ("partition", ("model", "params", "epoch")), "ordering": ("order", ("num_blocks", "epoch"))}
+
+
+def _check_signature(kind: str, obj: Any) -> None:
+    """Refuse a method that cannot take the arguments bcd calls it with (found now, not mid-run)."""
+    method, arguments = _CALLS[kind]
+    if kind == "ordering" and getattr(obj, "observes", False) is True:
+        arguments = (*arguments, "observed")
+    try:
+        signature = inspect.signature(getattr(obj, method))
+    except (TypeError, ValueError):  # a builtin or extension without a signature: trusted
+        return
+    try:
+        signature.bind(*arguments)
+    except TypeError as error:
+        observing = " (observes = True)" if len(arguments) == 3 and kind == "ordering" else ""
+        raise ValueError(
+            f"Invalid {kind}: {type(obj).__name__}.{method}{signature} cannot be called as "
+            f"{method}({', '.join(arguments)}){observing}: {error}; accepted: a method taking those "
+            f"{len(arguments)} positional arguments (bcd.contracts.{kind.capitalize()})."
+        ) from None
 
 
 def options_of(obj: Any) -> dict[str, Any] | None:

@@ -57,19 +57,24 @@ def load_instructions(source: str | Path | None = None):
     if source is not None and looks_local(str(source)) and not path.is_file():
         raise ValueError(f"Invalid dataset: {str(source)!r} is no file; accepted: a local .json/.jsonl file of Alpaca "
                          "records, or a dataset name on the Hugging Face hub.")
-    shown = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()  # a one-file read needs no bar on stderr, where errors go
+    shown, verbosity = datasets.is_progress_bar_enabled(), datasets.logging.get_verbosity()
+    # A one-file read needs no bar on stderr, where errors go; and datasets' own error log of a bad
+    # file would be a second line beside the refusal, which names the cause itself.
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         if source is None or path.is_file():
             data = datasets.load_dataset("json", data_files=str(path), split="train")
         else:
             data = datasets.load_dataset(str(source), split="train")
     except Exception as error:  # datasets raises many types: name them all in one clear message
+        cause = f" caused by {type(error.__cause__).__name__}: {error.__cause__}" if error.__cause__ else ""
         raise ValueError(
-            f"Cannot load dataset {str(source)!r} ({type(error).__name__}: {error}); accepted: a local .json/.jsonl "
-            "file of Alpaca records, or a dataset name on the Hugging Face hub (needs network)."
+            f"Cannot load dataset {str(source)!r} ({type(error).__name__}: {error}{cause}); accepted: a local "
+            ".json/.jsonl file of Alpaca records, or a dataset name on the Hugging Face hub (needs network)."
         ) from error
     finally:
+        datasets.logging.set_verbosity(verbosity)
         if shown:
             datasets.enable_progress_bars()
     missing = {"instruction", "output"} - set(data.column_names)

@@ -23,6 +23,11 @@ NON_NEGATIVE = ("lr", "eps", "weight_decay", "momentum", "dampening")
 OPTIONAL_FLAGS = ("fused", "foreach")
 
 
+def _real(value: Any) -> bool:
+    """Whether ``value`` is an int or float, finite or not: a default tells a number's kind, not its range."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_hyperparameters(where: str, hyper: Mapping[str, Any], defaults: Mapping[str, Any]) -> None:
     """Refuse a hyperparameter of the wrong type or range, naming ``where`` it was found.
 
@@ -39,11 +44,11 @@ def check_hyperparameters(where: str, hyper: Mapping[str, Any], defaults: Mappin
                 f"Invalid {where}: unknown hyperparameter {key!r}={value!r}; accepted: {', '.join(sorted(defaults))}."
             )
         default = defaults[key]
-        if is_number(default) or (key == "lr" and isinstance(default, torch.Tensor)):
+        if _real(default) or (key == "lr" and isinstance(default, torch.Tensor)):
             if not is_number(value) or (key in NON_NEGATIVE and value < 0):
                 accepted = "a finite number >= 0" if key in NON_NEGATIVE else "a finite number"
                 raise ValueError(f"Invalid {where}: {key}={value!r}; accepted: {accepted}.")
-        elif isinstance(default, tuple) and default and all(is_number(d) for d in default):
+        elif isinstance(default, tuple) and default and all(_real(d) for d in default):
             if not (isinstance(value, (tuple, list)) and len(value) == len(default)
                     and all(is_number(v) and 0 <= v < 1 for v in value)):
                 raise ValueError(

@@ -46,8 +46,9 @@ def find_layer_stacks(model: nn.Module, param_names: set[str] | Mapping[str, obj
 
     Returns:
         The stacks found; empty when the model has none. A model that is itself a
-        ``nn.Sequential`` or ``nn.ModuleList`` is one stack whose layers are its children that
-        hold parameters, whatever their types.
+        ``nn.Sequential`` or ``nn.ModuleList`` with two children or more that hold parameters is one
+        stack of them, whatever their types; with one (``nn.Sequential(model)``, a wrapper) it is
+        looked into like any module.
     """
     names = set(param_names)
     stacks: list[LayerStack] = []
@@ -61,7 +62,7 @@ def find_layer_stacks(model: nn.Module, param_names: set[str] | Mapping[str, obj
 
     if isinstance(model, (nn.Sequential, nn.ModuleList)):
         layers = children_with_params("", model)
-        if layers:
+        if len(layers) >= 2:
             return [LayerStack(prefix="", layer_names=tuple(name for name, _ in layers))]
 
     def visit(prefix: str, module: nn.Module) -> None:

@@ -31,6 +31,7 @@ from torch import nn
 
 from bcd import plugins
 from bcd.checks import positive_int
+from bcd.construction import resolve_partition
 from bcd.measure import Breakdown, LiveMemory, measure
 from bcd.blocks import block_numel, entry_numel, parse_entry
 from bcd.buffers import PREFILLED
@@ -259,7 +260,7 @@ def estimate(
             ))
         elif method == "badam":
             options = partitioner_options or {}
-            partition = plugins.create("partitioner", partitioner, dict(options)).partition(model, params, 0)
+            partition = resolve_partition(model, partitioner, options, params)[2]
             buffer = _fp32_gradient([b.param_names for b in partition], params, streamed)
             figures = tuple(
                 BlockFigure(
@@ -342,23 +343,28 @@ def estimate_activations(config: Any, *, batch: int, seq: int, checkpointing: bo
 # ---------------------------------------------------------------------------- sizes
 
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+#: The largest size accepted: 1 PiB, past any machine's memory (and float's exact integers).
+LARGEST_SIZE = 2**50
 
 
 def parse_size(text: str) -> int:
-    """``"24GiB"``, ``"80 GB"``, ``"512MiB"`` or a plain byte count, as bytes.
+    """``"24GiB"``, ``"80 GB"``, ``"512MiB"`` or ``"1024B"``, as bytes; the unit is required.
+
+    A bare number is refused rather than read as bytes: ``--budget 24`` meant 24 GiB or GB, not 24 bytes.
 
     Raises:
-        ValueError: not a positive number with a known unit.
+        ValueError: not a positive number with a known unit, or above 1 PiB.
     """
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
-    if not match or match.group(2).upper() not in _UNITS or float(match.group(1)) <= 0:
+    value = float(match.group(1)) * _UNITS[match.group(2).upper()] if match and match.group(2).upper() in _UNITS else 0.0
+    if not 0 < value <= LARGEST_SIZE:
         raise ValueError(
-            f"Invalid size: {text!r}; accepted: a positive number with a unit B, KB, MB, GB, TB (powers of 10) "
-            "or KiB, MiB, GiB, TiB (powers of 2), e.g. 24GiB."
+            f"Invalid size: {text!r:.60}; accepted: a positive number up to 1 PiB with a unit B, KB, MB, GB, TB "
+            "(powers of 10) or KiB, MiB, GiB, TiB (powers of 2), e.g. 24GiB."
         )
-    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    return int(value)
 
 
 def format_size(count: int) -> str:

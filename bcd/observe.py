@@ -37,14 +37,16 @@ def observes(ordering: object) -> bool:
 def gradient_norm(params: Iterable[torch.Tensor]) -> float | None:
     """The 2-norm of the gradients of ``params`` together (None when none has a gradient).
 
-    Each tensor's norm is taken in its own dtype (no fp32 copy of a large gradient); a sharded
-    (DTensor) gradient's norm is reduced over the ranks, so every rank sees the same value.
+    Each tensor's norm is taken in its own dtype (no fp32 copy of a large gradient), but fp16's in
+    fp32: fp16 overflows at 65504, so a block of finite fp16 gradients can have an infinite fp16
+    norm. A sharded (DTensor) gradient's norm is reduced over the ranks, so every rank sees the
+    same value.
     """
     norms = []
     for param in params:
         if param.grad is None:
             continue
-        norm = torch.linalg.vector_norm(param.grad)
+        norm = torch.linalg.vector_norm(param.grad, dtype=torch.float32 if param.grad.dtype == torch.float16 else None)
         if sharded(norm):
             norm = norm.full_tensor()
         norms.append(norm.float())

@@ -18,10 +18,13 @@ state-dict checks :func:`bcd.state.check`, the wait for a wrapper :class:`bcd.di
 from __future__ import annotations
 
 import collections
+import math
+import types
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import attrs
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -33,11 +36,19 @@ from bcd.blocks import Block, Partition
 from bcd.construction import (Composition, PrecisionNote, check_partition, check_unreplaced, claim, compose, owner_of,
                               refuse_copy, warn_if_fp32)
 from bcd.events import BlockSwitch
+from bcd.schedule import BlockSchedule
 from bcd.groups import check_hyperparameters, copy_hyperparameters
 from bcd.observe import gradient_norm, observes
 
 STATE_FORMAT = state.STATE_FORMAT
 __all__ = ["BlockCoordinateOptimizer", "PrecisionNote", "STATE_FORMAT"]
+
+def _let_go(hooks: list[RemovableHandle], trainable: list[nn.Parameter]) -> None:
+    """Remove an optimizer's hooks from the model and make its candidates trainable again."""
+    remove_all(hooks)
+    for param in trainable:
+        param.requires_grad_(True)
+
 
 class BlockCoordinateOptimizer(torch.optim.Optimizer):
     """Train one block of a model at a time with an inner ``torch.optim`` solver.
@@ -90,7 +101,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         # Everything is checked before anything changes: a refused call leaves the model as it was.
         previous = owner_of(model)
         plan: Composition = compose(
-            model, previous._candidates if previous else None, lr=lr, switch_every=switch_every,
+            model, lr=lr, switch_every=switch_every,
             partitioner=partitioner, partitioner_options=partitioner_options, order=order,
             order_options=order_options, solver=solver, solver_options=solver_options, no_decay=no_decay,
             groups=groups, data_parallel=data_parallel,
@@ -111,7 +122,10 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         self.switches = 0
         if previous is not None:
             previous._close("a newer optimizer over the same model took over")
-        claim(model, self)
+        claim(plan.candidates.values(), self)
+        # Closing, or collecting, the optimizer hands the candidates back trainable, as it found them.
+        self._trainable = list(plan.candidates.values())
+        self._let_go = weakref.finalize(self, _let_go, self._model_hooks, self._trainable)
         checkpointing.make_compatible(model)
         # On several ranks with a plain model, freezing waits for the first forward: DDP registers
         # only the parameters that require grad when the Trainer or accelerate builds it.
@@ -124,11 +138,13 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         self._activate(reason="start")
         # Checkpointing switched on later (the Trainer does) must not run backward through frozen blocks.
         self._model_hooks.append(checkpointing.guard(model))
-        weakref.finalize(self, remove_all, self._model_hooks)
 
     # ------------------------------------------------------------------ public view
 
     _candidates = property(lambda self: self._block.candidates)
+    candidates = property(lambda self: types.MappingProxyType(self._block.candidates), doc=(
+        "Every parameter this optimizer may train, by qualified name (read-only): what required grad when the first "
+        "optimizer over the model was built."))
     blocks = property(lambda self: self.partition, doc="The partition (of the current block-epoch, if dynamic).")
     active_block_index = property(lambda self: self.schedule.active, doc="Index of the active block in blocks.")
     active_block = property(lambda self: self.partition[self.schedule.active], doc="The block being trained.")
@@ -144,10 +160,18 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
     buffers = property(lambda self: self._block.buffers, doc="The fp32 buffers kept across visits (bcd.buffers.Buffers).")
     closed = property(lambda self: self._closed is not None, doc="Whether close() ran or a newer optimizer took over.")
 
-    def register_block_switch_hook(self, hook: Callable[[BlockCoordinateOptimizer, BlockSwitch], None]) -> RemovableHandle:
-        """Call ``hook(optimizer, event)`` at every block activation (start, switch, resume); returns a removable handle."""
+    def register_block_switch_hook(self, hook: Callable[[BlockCoordinateOptimizer, BlockSwitch], None], *,
+                                   prepend: bool = False) -> RemovableHandle:
+        """Call ``hook(optimizer, event)`` at every block activation (start, switch, resume); returns a removable handle.
+
+        Hooks run in registration order; ``prepend=True`` puts this one first (as torch's module
+        hooks do), so that what it keeps in step with the active block (the landscape expansion)
+        is updated before any later hook can raise.
+        """
         handle = RemovableHandle(self._switch_hooks)
         self._switch_hooks[handle.id] = hook
+        if prepend:
+            self._switch_hooks.move_to_end(handle.id, last=False)
         return handle
 
     # ------------------------------------------------------------------ activation
@@ -159,6 +183,8 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
     def _adopt(self, current: dict[str, nn.Parameter]) -> None:
         """The wrapper is in place: re-read the parameters by name, freeze all but the active block."""
         self._block.adopt(current)
+        self._trainable[:] = self._candidates.values()
+        claim(self._trainable, self)
         check_partition(self.partition, self.composition.partitioner_name, self._candidates, 0)  # rows of sharded tensors
         for group, names in zip(self.param_groups, self._group_names):
             group["params"] = [self._candidates[n] for n in names]
@@ -194,6 +220,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         if self._wait is not None:
             self._wait.start()
         check_unreplaced(self._model, self._candidates, self.active_block.tensor_names)
+        self._block.check_unchanged()
         if self._wait is not None and self._block.solver is None:
             # At each visit's first step (one all-gather of two numbers): a wrapper the optimizer
             # could not see at construction must average this block's gradients too.
@@ -205,19 +232,32 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         copy_hyperparameters(self.param_groups, self._block.solver, self._block.solver_group_index)
         # Measured only for an ordering that asks: it costs a reduction and a host sync per step.
         grad_norm = gradient_norm(self._block.params) if observes(self.schedule.ordering) else None
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            raise ValueError(
+                f"The gradient of block {self.active_block.name!r} has a non-finite norm ({grad_norm}); nothing was "
+                "updated. Accepted: finite gradients (with fp16, a GradScaler skips such steps; or lower the rate)."
+            )
+        # What comes next (order, partition) is computed before any weight moves: a failure there
+        # leaves weights, schedule and solver state as they were.
+        schedule = self.schedule.step(grad_norm)
+        partition = self._next_partition(schedule)
         self._block.step()
-        self._advance(grad_norm)
+        self._advance(schedule, partition)
         return loss
 
-    def _advance(self, grad_norm: float | None = None) -> None:
+    def _next_partition(self, schedule: BlockSchedule) -> Partition:
+        """The partition ``schedule`` runs on: a dynamic partitioner's new one at a new block-epoch."""
+        if self.composition.partitioner.dynamic and schedule.block_epoch != self.schedule.block_epoch:
+            return self._make_partition(schedule.block_epoch)
+        return self.partition
+
+    def _advance(self, schedule: BlockSchedule, partition: Partition) -> None:
         previous, block = self.schedule, self.active_block
-        self.schedule = previous.step(grad_norm)
-        if self.schedule.step_in_block:
-            return
-        regrouped = self.composition.partitioner.dynamic and self.schedule.block_epoch != previous.block_epoch
-        if regrouped:
-            self.partition = self._make_partition(self.schedule.block_epoch)
-        if regrouped or not self.schedule.continues(previous):
+        regrouped = partition is not self.partition
+        if regrouped and schedule.steps_in_visit:
+            schedule = attrs.evolve(schedule, steps_in_visit=0)  # a regrouped block is a new visit, whatever its index
+        self.schedule, self.partition = schedule, partition
+        if schedule.step_in_block == 0 and (regrouped or not schedule.continues(previous)):
             self._activate(reason="switch", previous=block)
 
     # ------------------------------------------------------------------ lifecycle
@@ -234,10 +274,8 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
             self._closed = why
             if self._wait is not None:
                 self._wait.close()
-            remove_all(self._model_hooks)
             self._block.release()
-            for param in self._candidates.values():
-                param.requires_grad_(True)
+            self._let_go()  # hooks removed, candidates trainable again; once, not again when collected
 
     def close(self) -> None:
         """Remove every hook this optimizer installed and make the candidates trainable again. Idempotent."""

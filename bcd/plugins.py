@@ -148,8 +148,12 @@ def registry() -> dict[str, dict[str, Registration]]:
 def register(plugin: object, name: str | None = None) -> None:
     """Register a plugin object in-process (no installation needed).
 
+    Transactional: a plugin that is refused, or whose register hook raises, is not left
+    registered, and the registry is as before.
+
     Raises:
-        ValueError: the plugin is already registered, or one of its names is taken.
+        ValueError: the plugin is already registered, a hook is misnamed or mistyped, one of its
+            names is taken, or its register hook raised (the error names the plugin and the cause).
     """
     global _registry
     _ensure_loaded()
@@ -157,19 +161,36 @@ def register(plugin: object, name: str | None = None) -> None:
         pm.register(plugin, name=name)
     except ValueError as error:
         raise ValueError(f"Cannot register plugin {plugin!r}: {error}") from error
+    except pluggy.PluginValidationError as error:  # a hook's arguments are not the spec's
+        if pm.get_name(plugin) is not None:  # pluggy keeps the name of a plugin it refused
+            pm.unregister(plugin)
+        raise ValueError(f"Cannot register plugin {_source_of(plugin)}: {' '.join(str(error).split())}; accepted: "
+                         "hooks taking the spec's arguments, e.g. register_partitioners(register).") from error
     _registry = None
     try:
         _check_pending()
         registry()
-    except ValueError:
+    except Exception as error:
         pm.unregister(plugin)
         _registry = None
-        raise
+        if isinstance(error, ValueError):
+            raise
+        raise ValueError(
+            f"Cannot register plugin {_source_of(plugin)}: its register hook raised {type(error).__name__}: {error}; "
+            "it is not registered."
+        ) from error
 
 
 def unregister(plugin: object) -> None:
-    """Unregister a plugin registered with :func:`register` (or by entry point)."""
+    """Unregister a plugin registered with :func:`register` (or by entry point).
+
+    Raises:
+        ValueError: the plugin is not registered.
+    """
     global _registry
+    if pm.get_name(plugin) is None:
+        raise ValueError(f"Cannot unregister plugin {plugin!r}: it is not registered; accepted: a plugin object "
+                         "given to bcd.plugins.register (or loaded by entry point).")
     pm.unregister(plugin)
     _registry = None
 

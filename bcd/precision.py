@@ -69,6 +69,8 @@ class MasterCopies:
         self.sources = [param for _, param, _ in entries]
         #: The distinct parameters the block touches.
         self.params = list({id(p): p for p in self.sources}.values())
+        #: What each parameter was when the visit's solver was built: a step refuses any change.
+        self.built_as = {id(p): (p.dtype, p.device) for p in self.params}
         self.buffers = buffers
         low = [i for i, p in enumerate(self.sources) if needs_master(p)]
         shapes = [_rows(self.sources[i], self.rows[i]).shape for i in low]
@@ -86,6 +88,24 @@ class MasterCopies:
             by_index[i] if i in by_index else (p if rows is None else p.detach()[rows[0]:rows[1]])
             for i, (p, rows) in enumerate(zip(self.sources, self.rows))
         ]
+
+    def check_unchanged(self) -> None:
+        """Refuse a parameter whose dtype or device changed since the visit began (``model.to(...)`` mid-visit).
+
+        The solver's state and the master copies were made for the old dtype: stepping on would
+        raise half-way or, for bf16 -> fp32, update copies the model no longer reads.
+
+        Raises:
+            ValueError: naming the parameter, both dtypes and devices, and what to do instead.
+        """
+        for index, param in enumerate(self.sources):
+            was = self.built_as[id(param)]
+            if (param.dtype, param.device) != was:
+                raise ValueError(
+                    f"{self.names[index]} changed from {was[0]} on {was[1]} to {param.dtype} on {param.device} in the middle "
+                    "of a block visit (model.to(...)); nothing was updated. Accepted: convert the model before building "
+                    "the optimizer, or save its state_dict(), convert, build a new optimizer and load the state there."
+                )
 
     def _is_copy(self, index: int) -> bool:
         return needs_master(self.sources[index])

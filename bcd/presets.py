@@ -127,6 +127,8 @@ def load_config(preset: str | None = None, config: str | Path | None = None):
     return loaded
 
 
+#: The largest size a shape field may take (16.7M): a product of two stays far from int64's bytes.
+LARGEST_SIZE = 2**24
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "n_embd", "n_layer", "n_head", "d_model", "num_layers", "num_heads")
 
@@ -139,8 +141,8 @@ def check_shape(config: Any, source: str) -> None:
     """
     for name in SHAPE_FIELDS:
         value = getattr(config, name, None) if name in config.to_dict() else None
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"Invalid config {source!r}: {name}={value!r}; accepted: an integer >= 1.")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= LARGEST_SIZE):
+            raise ValueError(f"Invalid config {source!r}: {name}={value!r:.40}; accepted: an integer from 1 to 2**24.")
     hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
     kv = getattr(config, "num_key_value_heads", None)
     if isinstance(hidden, int) and isinstance(heads, int) and hidden % heads:

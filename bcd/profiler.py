@@ -28,9 +28,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from bcd import checkpointing, plugins
-from bcd.blocks import block_numel, trainable_parameters
-from bcd.construction import owner_of
+from bcd import checkpointing
+from bcd.blocks import block_numel
+from bcd.construction import candidates_of, resolve_partition
 from bcd.checks import positive_int
 
 EDGE_BLOCKS = ("embedding", "head")
@@ -179,9 +179,8 @@ def profile(
     for label, value in (("batch", batch), ("seq", seq), ("repeats", repeats)):
         positive_int(label, value)
     # An optimizer driving the model has frozen all but its active block: profile what it trains.
-    owner = owner_of(model)
-    params = dict(owner._candidates) if owner is not None else trainable_parameters(model)
-    partition = plugins.create("partitioner", partitioner, dict(partitioner_options or {})).partition(model, params, 0)
+    params = candidates_of(model)
+    partition = resolve_partition(model, partitioner, partitioner_options or {}, params)[2]
     if use_checkpointing:
         checkpointing.enable(model)
     model.train()

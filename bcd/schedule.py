@@ -17,10 +17,12 @@ still determines every later order.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from typing import Any
 
 import attrs
+import torch
 
 from bcd.checks import positive_int
 from bcd.contracts import Ordering, options_of
@@ -44,13 +46,25 @@ def order_for(ordering: Ordering, num_blocks: int, epoch: int, observed: Observa
         proposed = ordering.order(num_blocks, epoch, observed if observed is not None else Observations.empty(num_blocks))
     else:
         proposed = ordering.order(num_blocks, epoch)
-    order = tuple(int(i) for i in proposed)
+    if isinstance(proposed, torch.Tensor) and proposed.ndim == 1 and not proposed.is_floating_point():
+        proposed = proposed.tolist()
+    order = tuple(_index(i) for i in proposed) if isinstance(proposed, (list, tuple, range)) else ()
     if not _indices(order, num_blocks):
         raise ValueError(
-            f"Invalid order from ordering {type(ordering).__name__}: {list(order)}; accepted: block indices "
-            f"0 ... {num_blocks - 1}, at least one."
+            f"Invalid order from ordering {type(ordering).__name__}: {proposed!r:.120}; accepted: a list of block "
+            f"indices (integers, not bools, floats or strings) 0 ... {num_blocks - 1}, at least one."
         )
     return order
+
+
+def _index(value: Any) -> Any:
+    """An integer index as an int (numpy's too, through ``__index__``); anything else as it is, for the check to refuse."""
+    if isinstance(value, bool) or isinstance(value, int):
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value
 
 
 def _natural(key: str, value: Any) -> int:
@@ -70,6 +84,8 @@ class BlockSchedule:
         block_epoch: block-epochs completed (the current one's number, 0-based).
         position: index of the current visit in :attr:`order`.
         step_in_block: steps taken in the current visit, 0 ... K-1.
+        steps_in_visit: steps since the active block's solver started: ``step_in_block``, plus K
+            for each visit this one continues (the revisit rule).
         global_step: optimizer steps taken in all.
         observed: what the optimizer observed at the visits (measured only for an observing ordering).
         order: the current block-epoch's order (derived from the ordering when not given).
@@ -81,6 +97,7 @@ class BlockSchedule:
     block_epoch: int = 0
     position: int = 0
     step_in_block: int = 0
+    steps_in_visit: int = 0
     global_step: int = 0
     observed: Observations = attrs.field()
     order: tuple[int, ...] = attrs.field(converter=tuple)
@@ -107,16 +124,18 @@ class BlockSchedule:
         observed = self.observed if grad_norm is None else self.observed.add(grad_norm)
         taken = self.step_in_block + 1
         if taken < self.switch_every:
-            return attrs.evolve(self, step_in_block=taken, global_step=self.global_step + 1, observed=observed)
+            return attrs.evolve(self, step_in_block=taken, steps_in_visit=self.steps_in_visit + 1,
+                                global_step=self.global_step + 1, observed=observed)
         observed = observed.close(self.active)
         position, epoch = self.position + 1, self.block_epoch
         if position == len(self.order):
             position, epoch = 0, epoch + 1
-        return BlockSchedule(
+        following = BlockSchedule(
             ordering=self.ordering, num_blocks=self.num_blocks, switch_every=self.switch_every,
             block_epoch=epoch, position=position, global_step=self.global_step + 1, observed=observed,
             **({"order": self.order} if epoch == self.block_epoch else {}),
         )
+        return attrs.evolve(following, steps_in_visit=self.steps_in_visit + 1) if following.continues(self) else following
 
     def continues(self, previous: BlockSchedule) -> bool:
         """Whether this visit continues ``previous``'s: the revisit rule (same block, D = 1 or ``fixed``)."""
@@ -129,6 +148,7 @@ class BlockSchedule:
             "position": self.position,
             "order": list(self.order),
             "step_in_block": self.step_in_block,
+            "steps_in_visit": self.steps_in_visit,
             "global_step": self.global_step,
             "ordering_options": options_of(self.ordering),
             "observed": self.observed.state_dict(),
@@ -155,6 +175,13 @@ class BlockSchedule:
             raise ValueError(
                 f"Invalid state dict: schedule.step_in_block is {step_in_block}; accepted: 0 ... {self.switch_every - 1} "
                 f"(switch_every={self.switch_every})."
+            )
+        # Absent from dicts saved before it was kept: then the visit is taken to have begun with the block.
+        steps_in_visit = _natural("steps_in_visit", state.get("steps_in_visit", step_in_block))
+        if steps_in_visit < step_in_block or (steps_in_visit - step_in_block) % self.switch_every:
+            raise ValueError(
+                f"Invalid state dict: schedule.steps_in_visit is {steps_in_visit}; accepted: step_in_block ({step_in_block}) "
+                f"plus a multiple of switch_every ({self.switch_every})."
             )
         saved_options = state.get("ordering_options")
         if saved_options is not None and saved_options != options_of(self.ordering):
@@ -183,4 +210,4 @@ class BlockSchedule:
                 f"Invalid state dict: schedule.position is {position}; accepted: 0 ... {len(order) - 1} for order {list(order)}."
             )
         return attrs.evolve(self, block_epoch=epoch, position=position, order=order, step_in_block=step_in_block,
-                            global_step=global_step, observed=observed)
+                            steps_in_visit=steps_in_visit, global_step=global_step, observed=observed)

@@ -9,9 +9,9 @@ steps:
 
     \eta_n = \eta \cdot b(n) \cdot \min\!\left(1, \frac{k_n + 1}{w}\right),
 
-with :math:`k_n` the step within the visit, :math:`w` = ``steps`` and :math:`b` an optional
+with :math:`k_n` the step within the visit (a continued visit, under the revisit rule, counts on), :math:`w` = ``steps`` and :math:`b` an optional
 global schedule (cosine, say). It is a ``torch.optim.lr_scheduler.LambdaLR``: it reads
-``optimizer.step_in_block``, which the optimizer's state dict restores, so resume stays exact.
+``optimizer.schedule.steps_in_visit``, which the optimizer's state dict restores, so resume stays exact.
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ def switch_warmup(optimizer: BlockCoordinateOptimizer, steps: int,
     positive_int("steps", steps)
 
     def factor(step: int) -> float:
-        warm = min(1.0, (optimizer.step_in_block + 1) / steps)
+        # Steps since the solver started, not since the block-epoch's visit: a revisit (the fixed
+        # order, D = 1, an importance draw of the same block) keeps Adam's state, so no second warm-up.
+        warm = min(1.0, (optimizer.schedule.steps_in_visit + 1) / steps)
         return warm * (base(step) if base is not None else 1.0)
 
     return LambdaLR(optimizer, factor)

@@ -74,10 +74,49 @@ def _check_masters(saved: Any, expected: Mapping[str, tuple[int, ...]]) -> dict[
         )
     for name, shape in expected.items():
         master = saved[name]
-        if not isinstance(master, torch.Tensor) or master.dtype != torch.float32 or tuple(master.shape) != tuple(shape):
-            got = f"{master.dtype} {tuple(master.shape)}" if isinstance(master, torch.Tensor) else repr(master)
-            _fail(f"master_copies[{name!r}] is {got}; accepted: torch.float32 {tuple(shape)}.")
+        if (not isinstance(master, torch.Tensor) or master.is_meta or master.dtype != torch.float32
+                or tuple(master.shape) != tuple(shape)):
+            got = (f"{master.dtype} {tuple(master.shape)}{' on the meta device' if master.is_meta else ''}"
+                   if isinstance(master, torch.Tensor) else repr(master))
+            _fail(f"master_copies[{name!r}] is {got}; accepted: torch.float32 {tuple(shape)} with values.")
     return dict(saved)
+
+
+def _layout(factory: Any, options: Mapping[str, Any], hyper: Mapping[str, Any]) -> dict[str, bool] | None:
+    """Which state entries the solver keeps per element (True) or as a scalar (False), by key.
+
+    Learnt from a throwaway solver of the same factory, options and group values stepped once on
+    a 2-element tensor with a zero gradient; None when that solver cannot be stepped so (LBFGS
+    needs a closure, a plugin may need more).
+    """
+    probe = torch.zeros(2)
+    probe.grad = torch.zeros(2)
+    try:
+        solver = factory([{**{k: v for k, v in hyper.items() if k != "params"}, "params": [probe]}], **options)
+        solver.step()
+    except Exception:  # noqa: BLE001 - any failure only means "layout unknown": the general rule applies
+        return None
+    return {key: isinstance(value, torch.Tensor) and value.shape == probe.shape for key, value in solver.state[probe].items()}
+
+
+def _check_state_entry(where: str, value: Any, shape: tuple[int, ...], per_element: bool | None) -> None:
+    """One tensor of the solver state: floating, real (not meta), and of the shape it will be used at.
+
+    ``per_element`` says whether the solver keeps the key per element (the parameter's shape),
+    as a scalar (0-d), or (None) unknown: then either is accepted. A fused kernel trusts these
+    shapes: a moment of one element for a larger block is an out-of-bounds write, not an error.
+    """
+    if not isinstance(value, torch.Tensor):
+        return
+    if value.is_meta:
+        _fail(f"{where} is a meta-device tensor (no data); accepted: a tensor with values, on any device.")
+    if not value.is_floating_point():
+        _fail(f"{where} has dtype {value.dtype}; accepted: a floating-point tensor.")
+    accepted = {True: [shape], False: [()], None: [shape, ()]}[per_element]
+    if tuple(value.shape) not in accepted:
+        shown = " or ".join(str(s) for s in accepted)
+        _fail(f"{where} has shape {tuple(value.shape)}; accepted: {shown}, "
+              f"{'the shape of that parameter of the active block' if shape in accepted else 'a scalar'}.")
 
 
 def _check_solver_state(saved: Any, optimizer: BlockCoordinateOptimizer, groups: list[dict[str, Any]],
@@ -87,17 +126,18 @@ def _check_solver_state(saved: Any, optimizer: BlockCoordinateOptimizer, groups:
     meta = {n: torch.empty(entry_shape(n, optimizer._candidates), device="meta") for n in block_names}
     probe_groups, _ = solver_groups(groups, optimizer._group_names, meta)
     params = [p for g in probe_groups for p in g["params"]]
+    layouts = [_layout(optimizer.composition.solver_factory, optimizer.composition.solver_options, g)
+               for g in probe_groups for _ in g["params"]]
     for key, entry in saved["state"].items():
         if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < len(params) or not isinstance(entry, Mapping):
             _fail(f"solver_state['state'] has entry {key!r}; accepted: parameter indices 0 ... {len(params) - 1} with dicts.")
+        layout = layouts[key]
+        if layout is not None and entry and not set(layout) <= set(entry):
+            _fail(f"solver_state['state'][{key}] holds {sorted(map(str, entry))}; accepted: {sorted(layout)}, "
+                  "what this solver keeps per parameter.")
         for name, value in entry.items():
-            if isinstance(value, torch.Tensor) and value.numel() > 1 and tuple(value.shape) != tuple(params[key].shape):
-                _fail(
-                    f"solver_state['state'][{key}][{name!r}] has shape {tuple(value.shape)}; accepted: "
-                    f"{tuple(params[key].shape)}, the shape of that parameter of the active block."
-                )
-            if isinstance(value, torch.Tensor) and not value.is_floating_point():
-                _fail(f"solver_state['state'][{key}][{name!r}] has dtype {value.dtype}; accepted: a floating-point tensor.")
+            _check_state_entry(f"solver_state['state'][{key}][{name!r}]", value, tuple(params[key].shape),
+                               None if layout is None else layout.get(name))
     try:
         # A solver over meta tensors allocates nothing; loading into it runs torch's own checks.
         probe = optimizer.composition.solver_factory(probe_groups, **optimizer.composition.solver_options)
@@ -109,6 +149,17 @@ def _check_solver_state(saved: Any, optimizer: BlockCoordinateOptimizer, groups:
     except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as error:
         _fail(f"solver_state does not fit the active block's solver: {error}")
     return dict(saved)
+
+
+def _detached(value: Any) -> Any:
+    """``value`` with every tensor cloned: what no later step or load writes into (bcd reuses its buffers)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, Mapping):
+        return {k: _detached(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_detached(v) for v in value]
+    return value
 
 
 def save(optimizer: BlockCoordinateOptimizer) -> dict[str, Any]:
@@ -127,9 +178,10 @@ def save(optimizer: BlockCoordinateOptimizer) -> dict[str, Any]:
             {**{k: v for k, v in group.items() if k != "params"}, "params": list(names)}
             for group, names in zip(optimizer.param_groups, optimizer._group_names)
         ],
-        # None and {} before the visit's first step: nothing to restore but the position.
-        "solver_state": optimizer.solver.state_dict() if optimizer.solver is not None else None,
-        "master_copies": optimizer.master_copies.state_dict() if optimizer.master_copies is not None else {},
+        # None and {} before the visit's first step: nothing to restore but the position. Copies:
+        # the solver state and masters live in buffers that the next visit (or a load) reuses.
+        "solver_state": _detached(optimizer.solver.state_dict()) if optimizer.solver is not None else None,
+        "master_copies": _detached(optimizer.master_copies.state_dict()) if optimizer.master_copies is not None else {},
     }
 
 
@@ -188,6 +240,9 @@ def check(saved: Any, optimizer: BlockCoordinateOptimizer) -> Restore:
         masters = _check_masters(saved["master_copies"], expected)
     elif saved["master_copies"]:
         _fail("master_copies are given but solver_state is None; accepted: both or neither (before a visit's first step).")
+    elif schedule.step_in_block:
+        _fail(f"solver_state is None at step {schedule.step_in_block} of a visit; accepted: the solver state saved "
+              "mid-visit (None only at a visit's first step, step_in_block 0).")
     switches = saved.get("switches", 0)  # absent from dicts saved before it was counted
     if isinstance(switches, bool) or not isinstance(switches, int) or switches < 0:
         _fail(f"switches is {switches!r}; accepted: an integer >= 0.")

@@ -23,8 +23,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from bcd.blocks import Partition, check_rows, trainable_parameters
-from bcd.construction import owner_of
+from bcd.blocks import Partition, check_rows
+from bcd.construction import candidates_of
 from bcd.contracts import check
 from bcd.observe import Observations, observes
 from bcd.optimizer import BlockCoordinateOptimizer
@@ -51,8 +51,7 @@ def check_partitioner(partitioner: object, model: nn.Module, epochs: int = 3) ->
     """
     check("partitioner", partitioner)
     # An optimizer driving the model has frozen all but its active block: use what it saw.
-    owner = owner_of(model)
-    params = dict(owner._candidates) if owner is not None else trainable_parameters(model)
+    params = candidates_of(model)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     partitions = []
     for epoch in range(epochs):

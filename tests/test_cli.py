@@ -56,6 +56,8 @@ def _files(tmp_path):
     (tmp_path / "heads.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
                                                      "num_key_value_heads": 3}))
     (tmp_path / "numbers.jsonl").write_text(json.dumps({"instruction": "add", "output": 3}) + "\n")
+    (tmp_path / "huge.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 10**18}))
+    (tmp_path / "wide.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 2**40, "num_attention_heads": 1}))
     (tmp_path / "a-file").write_text("")
     return tmp_path
 
@@ -71,6 +73,8 @@ BAD_INVOCATIONS = [
     (["memory", "--config", "{tmp}/string.json"], "it holds str 'just a string'"),
     (["memory", "--config", "{tmp}/hidden.json"], "expected int, got str"),
     (["memory", "--config", "{tmp}/heads.json"], "num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
+    (["memory", "--config", "{tmp}/huge.json"], f"vocab_size={10**18}; accepted: an integer from 1 to 2**24"),
+    (["profile", "--config", "{tmp}/wide.json"], f"hidden_size={2**40}; accepted: an integer from 1 to 2**24"),
     (["memory", *TINY, "--batch", "0"], "argument --batch: '0'; accepted: an integer >= 1"),
     (["memory", *TINY, "--seq", "0"], "argument --seq: '0'"),
     (["memory", *TINY, "--lora-rank", "-8"], "argument --lora-rank: '-8'"),
@@ -93,7 +97,11 @@ BAD_INVOCATIONS = [
     (["finetune", "--dataset", "{tmp}/numbers.jsonl", "--output-dir", "{tmp}/out"], "column 'output' holds int64 values"),
     (["finetune", "--dataset", "./missing.jsonl", "--output-dir", "{tmp}/out"], "'./missing.jsonl' is no file"),
     (["finetune", "--output-dir", "{tmp}/a-file/out"], "not a writable folder"),
-    (["finetune", "--lr", "-1"], "argument --lr: '-1'; accepted: a number > 0.0"),
+    (["finetune", "--lr", "-1"], "argument --lr: '-1'; accepted: a finite number > 0.0"),
+    (["finetune", "--lr", "inf"], "argument --lr: 'inf'; accepted: a finite number > 0.0"),
+    (["finetune", "--max-steps", str(10**20)], f"argument --max-steps: '{10**20}'; accepted: an integer >= 1 and <= 1e+09"),
+    (["memory", *TINY, "--budget", "24"], "Invalid size: '24'; accepted: a positive number up to 1 PiB with a unit"),
+    (["memory", *TINY, "--budget=1" + "0" * 400 + "GB"], "Invalid size: '100000"),
     (["finetune", "--max-steps", "0"], "argument --max-steps: '0'"),
 ]
 
@@ -117,4 +125,15 @@ def test_a_bad_invocation_is_one_line_and_exit_2(argv, text, tmp_path, capsys):
 def test_the_console_script_exits_2_with_one_line():
     result = subprocess.run(["bcd", "memory", "--preset", "llama-tiny", "--seq", "0"], capture_output=True, text=True)
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.splitlines() == ["bcd memory: error: argument --seq: '0'; accepted: an integer >= 1"]
+    assert result.stderr.splitlines() == ["bcd memory: error: argument --seq: '0'; accepted: an integer >= 1 and <= 1e+09"]
+
+
+def test_a_refused_dataset_is_one_line_on_stderr_from_the_console_script(tmp_path):
+    """datasets logs its own error for a malformed file: the refusal must stay the only line."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "add", "output": "3"}\n{bad json\n')
+    result = subprocess.run(["bcd", "finetune", "--dataset", str(bad), "--output-dir", str(tmp_path / "out")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("bcd finetune: error: Cannot load dataset") and "JSON parse error" in result.stderr

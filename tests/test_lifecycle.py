@@ -9,6 +9,7 @@ import pickle
 
 import pytest
 import torch
+from torch import nn
 
 import bcd
 from bcd_plugins.orderings import Random
@@ -22,6 +23,32 @@ def model_hooks(model: torch.nn.Module) -> int:
     modules = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
     grads = sum(len(getattr(p, "_post_accumulate_grad_hooks", None) or {}) for p in model.parameters())
     return modules + grads + len(torch.nn.modules.module._global_forward_pre_hooks)
+
+
+class _TwoArguments:
+    """An observing ordering whose order() forgot the observations."""
+
+    observes = True
+
+    def order(self, num_blocks, epoch):
+        return list(range(num_blocks))
+
+
+class _NoEpoch:
+    dynamic = False
+
+    def partition(self, model, params):
+        return bcd.Partition.from_groups([list(params)])
+
+
+class _Returns:
+    """An ordering returning ``value`` whatever it is asked: once int() turned "10" into [1, 0]."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def order(self, num_blocks, epoch):
+        return self.value
 
 
 def test_objects_only_trains_identically_to_names():
@@ -55,7 +82,11 @@ def test_objects_only_trains_identically_to_names():
         ({"partitioner": LayerPartitioner(), "partitioner_options": {"include_head": False}},
          r"Invalid partitioner options \{'include_head': False\} with a partitioner object"),
         ({"solver": lambda params, **kw: "not an optimizer"}, r"its factory returned str"),
-    ],
+        ({"order": _TwoArguments()}, r"_TwoArguments.order\(num_blocks, epoch\) cannot be called as "
+                                     r"order\(num_blocks, epoch, observed\) \(observes = True\)"),
+        ({"partitioner": _NoEpoch()}, r"_NoEpoch.partition\(model, params\) cannot be called as partition\(model, params, epoch\)"),
+    ] + [({"order": _Returns(value)}, r"Invalid order from ordering _Returns: .*accepted: a list of block indices")
+         for value in ("10", [1.0, 0.0], [True, False], {0: "a", 1: "b"}, torch.tensor([0.0, 1.0]))],
 )
 def test_objects_that_break_the_protocols_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -160,3 +191,29 @@ def test_step_hooks_fire_and_a_bad_group_value_leaves_the_block_untouched():
     with pytest.raises(ValueError, match=r"Invalid param_groups\[0\]: lr='fast'; accepted: a finite number >= 0"):
         optimizer.step()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()) and optimizer.global_step == 2
+
+
+def test_a_collected_optimizer_hands_back_every_candidate_trainable():
+    """Collected (not closed) mid-run, an optimizer once left all but its active block frozen: the next trained D = 1."""
+    model = MLP()
+    model.inp.requires_grad_(False)
+    optimizer = bcd.BlockCoordinateOptimizer(model, lr=0.1, switch_every=1)
+    blocks = optimizer.blocks
+    train(model, optimizer, CASES["mlp"], 2)
+    del optimizer
+    gc.collect()
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.named_parameters()} - {"inp.weight", "inp.bias"}
+    assert bcd.BlockCoordinateOptimizer(model, lr=0.1).blocks == blocks
+
+
+def test_an_optimizer_over_a_wrapper_takes_over_the_model_it_wraps():
+    """Take-over is keyed by the parameters: nn.Sequential(model) (or DDP's module) is the same model."""
+    model = MLP()
+    first = bcd.BlockCoordinateOptimizer(model, lr=0.1, switch_every=1)
+    train(model, first, CASES["mlp"], 1)
+    wrapper = nn.Sequential(model)
+    second = bcd.BlockCoordinateOptimizer(wrapper, lr=0.1, switch_every=1)
+    assert first.closed
+    assert len(second.blocks) == len(first.blocks)
+    assert set(second.candidates) == {f"0.{n}" for n in first.candidates}

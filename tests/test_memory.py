@@ -13,7 +13,7 @@ from bcd.blocks import entry_numel
 from bcd.cli import main
 from bcd.presets import PRESETS, build_model, load_config
 
-from conftest import CASES
+from conftest import CASES, MLP
 
 
 def within(value: float, expected: float, tolerance: float = 0.03) -> bool:
@@ -114,15 +114,15 @@ def test_activation_estimate_and_checkpointing():
 
 
 @pytest.mark.parametrize(
-    "text,expected", [("24GiB", 24 * 2**30), ("80 GB", 80 * 10**9), ("1.5MiB", int(1.5 * 2**20)), ("1024", 1024)]
+    "text,expected", [("24GiB", 24 * 2**30), ("80 GB", 80 * 10**9), ("1.5MiB", int(1.5 * 2**20)), ("1024B", 1024)]
 )
 def test_parse_size(text, expected):
     assert memory.parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["24 gallons", "-3GB", "GB", ""])
+@pytest.mark.parametrize("text", ["24 gallons", "-3GB", "GB", "", "24", "0GB", "1" + "0" * 400 + "GB", "2048TiB"])
 def test_parse_size_refuses_garbage(text):
-    with pytest.raises(ValueError, match=r"Invalid size: .*accepted: a positive number with a unit"):
+    with pytest.raises(ValueError, match=r"Invalid size: .*accepted: a positive number up to 1 PiB with a unit"):
         memory.parse_size(text)
 
 
@@ -231,3 +231,15 @@ def test_bcd_memory_is_reachable_from_a_bare_import_bcd():
     script = "import bcd; print(bcd.memory.measure.__name__, bcd.memory.estimate.__name__)"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["measure", "estimate"]
+
+
+def test_estimate_refuses_the_row_entries_the_optimizer_refuses():
+    """One check for both: an explicit partition whose row ranges leave a gap is no estimate either."""
+    model = MLP()
+    rest = [n for n, _ in model.named_parameters() if n != "inp.weight"]
+    blocks = [["inp.weight[0:3]"], ["inp.weight[5:8]", *rest]]
+    for build in (lambda: memory.estimate(model, methods=["badam"], partitioner="explicit",
+                                          partitioner_options={"blocks": blocks}),
+                  lambda: bcd.BlockCoordinateOptimizer(model, partitioner="explicit", partitioner_options={"blocks": blocks})):
+        with pytest.raises(ValueError, match=r"row ranges of 'inp.weight' are \[\(0, 3\), \(5, 8\)\], which do not tile its 8 rows"):
+            build()

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 import bcd
 
-from conftest import CASES, MLP, train
+from conftest import CASES, MLP, snapshot, train
 
 
 def mlp_optimizer(**kwargs):
@@ -181,7 +183,11 @@ def test_excluded_parameters_stay_frozen():
     [
         ({"switch_every": 0}, r"switch_every: 0; accepted: an integer >= 1"),
         ({"switch_every": 2.5}, r"switch_every: 2.5"),
-        ({"lr": -0.1}, r"lr: -0.1; accepted: a number >= 0"),
+        ({"lr": -0.1}, r"lr: -0.1; accepted: a finite number >= 0"),
+        ({"lr": float("inf")}, r"lr: inf; accepted: a finite number >= 0"),
+        ({"solver_options": {"eps": float("inf")}}, r"solver_options for solver 'adamw': eps=inf; accepted: a finite number >= 0"),
+        ({"solver_options": {"weight_decay": float("nan")}}, r"Invalid weight_decay value: nan"),
+        ({"solver_options": {"betas": (0.9, float("inf"))}}, r"Invalid beta parameter at index 1: inf"),
         ({"partitioner": "nope"}, r"Unknown partitioner: 'nope'; registered partitioners: explicit, layer"),
         ({"order": "sideways"}, r"Unknown ordering: 'sideways'; registered orderings: ascending"),
         ({"solver": "lion"}, r"Unknown solver: 'lion'; registered solvers: adam, adamw, sgd"),
@@ -238,3 +244,65 @@ def test_weights_loaded_after_construction_are_what_training_starts_from():
     for name, param in model.named_parameters():
         # One small step from the loaded weights, not from the ones at construction.
         assert (param.float() - trained[name].float()).abs().max() < 2e-2, name
+
+
+class _FailsLater:
+    """An ordering that raises from block-epoch 1 on (a plugin's bug, found only after block-epoch 0)."""
+
+    def order(self, num_blocks, epoch):
+        if epoch >= 1:
+            raise ValueError("no order after block-epoch 0")
+        return list(range(num_blocks))
+
+
+class _Recounts:
+    """A dynamic partitioner whose block-epoch 1 has another number of blocks (random-subset with a changing limit)."""
+
+    dynamic = True
+
+    def partition(self, model, params, epoch):
+        names = list(params)
+        return bcd.Partition.from_groups([names] if epoch else [names[:4], names[4:]])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"order": _FailsLater()}, r"no order after block-epoch 0"),
+    ({"partitioner": _Recounts()}, r"a dynamic partitioner may regroup, not add, drop or recount"),
+])
+def test_a_step_whose_next_block_fails_moves_no_weight(kwargs, match):
+    """The next order and partition are computed before the step: a failure leaves weights, schedule and state as they were."""
+    model = MLP()
+    optimizer = bcd.BlockCoordinateOptimizer(model, lr=0.1, switch_every=1, **kwargs)
+    train(model, optimizer, CASES["mlp"], len(optimizer.blocks) - 1)  # the last visit of block-epoch 0 is next
+    CASES["mlp"].loss(model, 99).backward()
+    before, saved = snapshot(model), copy.deepcopy(optimizer.state_dict())
+    for _ in range(2):  # a retry steps no more than the first try
+        with pytest.raises(ValueError, match=match):
+            optimizer.step()
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+        assert optimizer.schedule.global_step == saved["schedule"]["global_step"]
+    optimizer.load_state_dict(optimizer.state_dict())  # what it saves now still loads
+    assert optimizer.state_dict()["schedule"] == saved["schedule"]
+
+
+def test_fp16_gradient_norms_are_observed_without_overflow():
+    """Every fp16 gradient finite, their norm above fp16's 65504: the importance order measures it in fp32."""
+    model = MLP().to(torch.float16)
+    optimizer = bcd.BlockCoordinateOptimizer(model, lr=1e-3, switch_every=1, order="importance")
+    for param in model.parameters():
+        param.grad = torch.full_like(param, 3e4) if param.requires_grad else None
+    first = optimizer.active_block_index
+    optimizer.step()
+    assert optimizer.schedule.observed.grad_norm[first] > 65504
+
+
+def test_a_non_finite_gradient_norm_is_refused_before_any_weight_moves():
+    model = MLP()
+    optimizer = bcd.BlockCoordinateOptimizer(model, lr=0.1, switch_every=1, order="importance")
+    before = snapshot(model)
+    for param in model.parameters():
+        param.grad = torch.full_like(param, float("nan")) if param.requires_grad else None
+    with pytest.raises(ValueError, match=r"block '\w+' has a non-finite norm \(nan\); nothing was updated"):
+        optimizer.step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert optimizer.global_step == 0

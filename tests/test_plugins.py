@@ -12,6 +12,8 @@ import pytest
 import bcd
 from bcd import plugins
 
+from conftest import MLP
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -158,3 +160,35 @@ def test_every_register_hook_adds_to_the_registry(hook):
         plugins.unregister(plugin)
     with pytest.raises(ValueError, match=f"Unknown {kind}: 'throwaway'"):
         plugins.lookup(kind, "throwaway")
+
+
+class Raises:
+    @bcd.hookimpl
+    def register_orderings(self, register):
+        register("half-done", lambda: None)
+        raise RuntimeError("the plugin's own bug")
+
+
+class WrongArguments:
+    @bcd.hookimpl
+    def register_orderings(self, add):  # the spec's argument is `register`
+        add("never", object)
+
+
+@pytest.mark.parametrize("plugin, match", [
+    (Raises(), r"Cannot register plugin Raises \(in-process\): its register hook raised RuntimeError: the plugin's own bug"),
+    (WrongArguments(), r"Cannot register plugin WrongArguments \(in-process\): .*\{'add'\} are declared in the hookimpl .*register_partitioners\(register\)"),
+])
+def test_a_plugin_that_fails_to_register_is_not_left_registered(plugin, match):
+    """Registration is a transaction: a plugin whose hook raised once broke every later construction."""
+    with pytest.raises(ValueError, match=match):
+        plugins.register(plugin)
+    assert not any(p is plugin for p in plugins.pm.get_plugins())
+    with pytest.raises(ValueError, match="Unknown ordering: 'half-done'"):
+        plugins.lookup("ordering", "half-done")
+    bcd.BlockCoordinateOptimizer(MLP(), lr=0.1)  # the registry still works
+
+
+def test_unregistering_a_plugin_never_registered_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"Cannot unregister plugin .*Throwaway.*: it is not registered"):
+        plugins.unregister(Throwaway())

@@ -131,3 +131,44 @@ def test_a_solver_that_is_not_torchs_is_stepped_once_over_the_block():
     assert precision.streams(torch.optim.SGD([torch.zeros(1)], lr=0.1))
     assert not precision.streams(Counting([torch.zeros(1)], lr=0.1))
     torch_solver.close()
+
+
+def test_an_fp64_model_is_its_own_master_and_trains_as_torchs_adamw():
+    """fp64 parameters keep fp64 moments (bcd's buffers are fp32): D = 1 is torch's fused AdamW, bit for bit."""
+    case = CASES["mlp"]
+    model, reference = case.model(dtype=torch.float64), case.model(dtype=torch.float64)
+    names = [n for n, _ in model.named_parameters()]
+    optimizer = bcd.BlockCoordinateOptimizer(model, lr=LR, partitioner="explicit",
+                                             partitioner_options={"blocks": [names]})
+    adamw = torch.optim.AdamW(reference.parameters(), lr=LR, fused=True)
+    for step in range(3):
+        for m, o in ((model, optimizer), (reference, adamw)):
+            case.loss(m, step).backward()
+            o.step()
+            o.zero_grad()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
+    assert optimizer.solver.state[next(iter(model.parameters()))]["exp_avg"].dtype == torch.float64
+
+
+@pytest.mark.filterwarnings("ignore:Complex modules")
+def test_complex_parameters_are_refused_at_construction():
+    model = torch.nn.Linear(2, 2).to(torch.complex64)
+    with pytest.raises(ValueError, match=r"weight is torch.complex64; accepted: real floating-point parameters"):
+        bcd.BlockCoordinateOptimizer(model, lr=LR)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("start, change", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_a_dtype_change_mid_visit_is_refused_at_the_next_step(start, change):
+    case = CASES["mlp"]
+    model = case.model(dtype=start)
+    optimizer = bcd.BlockCoordinateOptimizer(model, lr=LR, switch_every=3)
+    case.loss(model, 0).backward()
+    optimizer.step()
+    model.to(change)
+    case.loss(model, 1).backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=rf"changed from {start} on cpu to {change} on cpu in the middle of a block visit"):
+        optimizer.step()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert optimizer.global_step == 1

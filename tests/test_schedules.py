@@ -27,6 +27,24 @@ def test_rate_climbs_over_each_visit_and_follows_a_base_schedule():
     assert all(math.isclose(a, b) for a, b in zip(seen, expected)), seen
 
 
+@pytest.mark.parametrize("order, switch_every", [("fixed", 2), ("ascending", 3)])
+def test_a_continued_visit_warms_up_once(order, switch_every):
+    """The fixed order (or D = 1) continues one visit across block-epochs with Adam's state: no second warm-up."""
+    model = MLP()
+    blocks = {} if order == "fixed" else {"partitioner": "explicit",
+                                          "partitioner_options": {"blocks": [[n for n, _ in model.named_parameters()]]}}
+    optimizer = bcd.BlockCoordinateOptimizer(model, lr=1.0, switch_every=switch_every, order=order, solver="sgd", **blocks)
+    scheduler = bcd.switch_warmup(optimizer, steps=4)
+    seen = []
+    for step in range(8):
+        seen.append(optimizer.param_groups[0]["lr"])
+        CASES["mlp"].loss(model, step).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+    assert seen == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0]
+
+
 def test_resume_with_the_warmup_is_exact():
     def make():
         torch.manual_seed(0)

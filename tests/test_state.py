@@ -140,6 +140,16 @@ CASES_ = {
     "a solver group more": (more_solver_groups, r"solver_state does not fit"),
     "moment of another shape": (moment(lambda m: m.flatten()[:3].clone()), r"\['exp_avg'\] has shape \(3,\)"),
     "moment of integers": (moment(lambda m: m.to(torch.int64)), r"\['exp_avg'\] has dtype torch.int64"),
+    # A fused kernel trusts the shapes: before they were checked in full, these segfaulted or corrupted memory.
+    "moment a scalar": (moment(lambda m: torch.zeros(())), r"\['exp_avg'\] has shape \(\); accepted: \(\d+, 16\)"),
+    "moment of one element": (moment(lambda m: torch.zeros(1)), r"\['exp_avg'\] has shape \(1,\); accepted: \(\d+"),
+    "step of the parameter's shape": (set_in(["solver_state", "state", 0, "step"], lambda s: torch.zeros(5, 16)),
+                                      r"\['step'\] has shape \(5, 16\); accepted: \(\), a scalar"),
+    "a moment missing": (drop("solver_state", "state", 0, "exp_avg"), r"solver_state\['state'\]\[0\] holds \['exp_avg_sq', 'step'\]"),
+    "moment on the meta device": (moment(lambda m: m.to("meta")), r"\['exp_avg'\] is a meta-device tensor"),
+    "master on the meta device": (master(lambda m: m.to("meta")), r"on the meta device; accepted: torch.float32"),
+    "no solver state mid-visit": (lambda sd: {**sd, "solver_state": None, "master_copies": {}},
+                                  r"solver_state is None at step 1 of a visit"),
     "switches < 0": (set_in(["switches"], -1), r"switches is -1; accepted: an integer >= 0"),
     "state for parameter 99": (set_in(["solver_state", "state"], lambda s: {**s, 99: s[0]}), r"has entry 99"),
     "observed not a dict": (set_in(["schedule", "observed"], 3), r"schedule.observed is 3; accepted: a dict"),
@@ -199,3 +209,16 @@ def refused_and_unchanged(mutate, match, order="random", steps=K + 1):
     case = CASES["llama"]
     assert train(model, optimizer, case, 2 * K, start=steps) == train(twin_model, twin, case, 2 * K, start=steps)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin_model.parameters()))
+
+
+def test_a_state_dict_is_a_copy_that_later_steps_and_loads_leave_alone():
+    """bcd keeps a visit's moments and masters in buffers it reuses: the state dict must not be views of them."""
+    model, optimizer = make()
+    saved = optimizer.state_dict()
+    kept = copy.deepcopy(saved)
+    train(model, optimizer, CASES["llama"], 2 * K, start=K + 1)  # into the next visit: the buffers are reused
+    assert deep_equal(saved, kept)
+    optimizer.load_state_dict(saved)
+    assert deep_equal(optimizer.state_dict(), kept)
+    moments = optimizer.solver.state_dict()["state"][0]["exp_avg"]
+    assert moments.abs().sum() > 0  # o.load_state_dict(o.state_dict()) once zeroed Adam's moments
