@@ -49,10 +49,11 @@ class BAdam(BlockCoordinateOptimizer):
 
     Fine-tuning a pretrained model on a small labelled set for a few hundred steps, the measured
     recommendation is K = steps / (3D), ``include_embedding=False``, ``order="importance"``
-    and, for an fp32 model on one process, :func:`bcd.landscape_expansion` with
-    ``scale=0.25, reach="all"`` at ``lr`` = 2x AdamW's (4x AdamW's without the expansion): with
-    it BAdam ended within 1.0 point of AdamW and ahead of LoRA on both tasks measured
-    (docs/user-guide.md, "Learning rate and K"; docs/benchmarks.md, "Quality").
+    and, on one process, :func:`bcd.landscape_expansion` with ``scale=0.25, reach="all"`` at
+    ``lr`` = 2x AdamW's (4x AdamW's without the expansion): with it BAdam ended within 1.0 point
+    of AdamW and ahead of LoRA on both tasks measured in fp32 (docs/user-guide.md, "Learning rate
+    and K"; docs/benchmarks.md, "Quality"). On a bf16 model the expansion rounds its steps
+    stochastically; its quality there is not measured yet.
 
     Args:
         model: the model, ideally in bf16 (fp32 master copies then exist for the active block only).

@@ -26,9 +26,11 @@ visits, up to AdamW's pace (docs/benchmarks.md, "Quality").
 The steps skip what ``optimizer.step()`` does for the active block: weight decay, gradient
 clipping (the gradient is gone before ``clip_grad_norm_`` runs), and accumulation: with N
 micro-batches per step each takes its own step, so divide ``scale`` by N. Expanded tensors are
-stepped in place, so they must be fp32 (a bf16 weight would lose every step smaller than half
-its spacing), and on one process: on several ranks the steps would need their gradients
-averaged first.
+stepped in place. A bf16/fp16 weight would lose every step smaller than half its spacing to
+rounding to nearest, so its step is computed in fp32 and stochastically rounded back
+(:mod:`bcd.rounding`): unbiased, no state, drawn from a generator seeded by ``seed``, the
+optimizer's global step and the tensor's index, so a resumed run draws the same. One process
+only: on several ranks the steps would need their gradients averaged first.
 """
 
 from __future__ import annotations
@@ -39,9 +41,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from bcd import distributed
+from bcd import distributed, rounding
 from bcd.activation import remove_all
-from bcd.checks import flag, is_number
+from bcd.checks import flag, integer, is_number
 from bcd.events import BlockSwitch
 from bcd.optimizer import BlockCoordinateOptimizer
 
@@ -59,14 +61,19 @@ class LandscapeExpansion:
     does too, at the next backward).
     """
 
-    def __init__(self, optimizer: BlockCoordinateOptimizer, scale: float, sign: bool, reach: str) -> None:
-        self.scale, self.sign, self.reach = scale, sign, reach
+    def __init__(self, optimizer: BlockCoordinateOptimizer, scale: float, sign: bool, reach: str, seed: int) -> None:
+        self.scale, self.sign, self.reach, self.seed = scale, sign, reach, seed
         self._optimizer = weakref.ref(optimizer)
         self._group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        self._index = {id(p): i for i, p in enumerate(optimizer.composition.candidates.values())}
+        # Roundings of each tensor in the current optimizer step (several with accumulation).
+        self._draws: dict[int, int] = {}
+        self._draws_step = -1
         #: The tensors stepped during this visit, by name.
         self.expanded: dict[str, nn.Parameter] = {}
         self._grad_hooks: list[RemovableHandle] = []
-        self._switch_hook = optimizer.register_block_switch_hook(self._on_switch)
+        # First in the chain: a user's hook that raises must not leave the new active block expanded.
+        self._switch_hook = optimizer.register_block_switch_hook(self._on_switch, prepend=True)
         self._on_switch(optimizer, None)
         _LIVE[optimizer] = self
 
@@ -77,8 +84,12 @@ class LandscapeExpansion:
             self.remove()
             return
         rate = self._group_of[id(param)]["lr"] * self.scale
-        with torch.no_grad():
-            param.add_(param.grad.sign() if self.sign else param.grad, alpha=-rate)
+        if optimizer.global_step != self._draws_step:
+            self._draws, self._draws_step = {}, optimizer.global_step
+        draw = self._draws.get(id(param), 0)
+        self._draws[id(param)] = draw + 1
+        source = rounding.generator(self.seed, optimizer.global_step, self._index[id(param)], draw, param.device)
+        rounding.add_rounded_(param, param.grad.sign() if self.sign else param.grad, -rate, source)
         param.grad = None
 
     def _on_switch(self, optimizer: BlockCoordinateOptimizer, event: BlockSwitch | None) -> None:
@@ -114,25 +125,27 @@ class LandscapeExpansion:
 
 
 def landscape_expansion(optimizer: BlockCoordinateOptimizer, scale: float, *, sign: bool = True,
-                        reach: str = "after") -> LandscapeExpansion:
+                        reach: str = "after", seed: int = 0) -> LandscapeExpansion:
     """Step the blocks after the active one too (or all of them), from the gradients backward computes.
 
     Args:
-        optimizer: a bcd optimizer on one process, over fp32 parameters.
+        optimizer: a bcd optimizer on one process (fp32 parameters, or bf16/fp16 ones stepped with
+            stochastic rounding).
         scale: the expansion's rate as a multiple of each tensor's group rate, > 0 (0.25 is the
             measured setting with ``sign=True``, docs/benchmarks.md "Quality").
         sign: a sign step (default); False takes a plain SGD step, ``rate * scale * gradient``.
         reach: ``"after"`` (default, BREAD's) expands the blocks after the active one, which
             backward crosses anyway; ``"all"`` every block but the active one, with backward
             through the whole model (its time and activation memory).
+        seed: seeds the stochastic rounding of bf16/fp16 weights (with the step and the tensor).
 
     Returns:
         The :class:`LandscapeExpansion`; ``remove()`` stops it. It keeps no state, so after a
         resume (``load_state_dict``) call this again on the new optimizer.
 
     Raises:
-        ValueError: a wrong optimizer, ``scale``, ``sign`` or ``reach``, a parameter that is not fp32, an
-            optimizer over several ranks or one with an expansion already; nothing is changed.
+        ValueError: a wrong optimizer, ``scale``, ``sign``, ``reach`` or ``seed``, a sharded parameter,
+            an optimizer over several ranks or one with an expansion already; nothing is changed.
     """
     if not isinstance(optimizer, BlockCoordinateOptimizer):
         raise ValueError(f"Invalid optimizer: {type(optimizer).__name__}; accepted: a bcd.BlockCoordinateOptimizer.")
@@ -152,9 +165,8 @@ def landscape_expansion(optimizer: BlockCoordinateOptimizer, scale: float, *, si
             f"(data_parallel={optimizer.data_parallel}); accepted: one process, where each expansion step "
             "needs no averaged gradient.")
     for name, param in optimizer.composition.candidates.items():
-        if param.dtype != torch.float32 or distributed.sharded(param):
+        if distributed.sharded(param):
             raise ValueError(
-                f"Invalid parameter for landscape expansion: {name} is {param.dtype}"
-                f"{' and sharded' if distributed.sharded(param) else ''}; accepted: fp32 parameters, which the "
-                "expansion steps in place (a bf16 weight loses steps below its spacing).")
-    return LandscapeExpansion(optimizer, scale, sign, reach)
+                f"Invalid parameter for landscape expansion: {name} is sharded; accepted: whole tensors on one "
+                "process, which the expansion steps in place.")
+    return LandscapeExpansion(optimizer, scale, sign, reach, integer("seed", seed))

@@ -10,7 +10,7 @@ import torch
 
 import bcd
 
-from conftest import CASES, snapshot, train
+from conftest import CASES, MLP, snapshot, train
 
 BLOCKS = ["embedding", "layers.0", "layers.1", "layers.2", "head"]
 
@@ -88,6 +88,22 @@ def test_reach_all_follows_the_active_block_over_every_other_block():
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["out.weight", "out.bias"]
 
 
+def test_a_user_hook_that_raises_leaves_the_expansion_in_step_with_the_active_block():
+    """The expansion moves first at a switch: a raising hook registered before it once left the new block expanded."""
+    model, optimizer = build(start=3)
+
+    def fails(optimizer, event):
+        if event.reason == "switch":
+            raise RuntimeError("a user's hook")
+
+    optimizer.register_block_switch_hook(fails)
+    expansion = bcd.landscape_expansion(optimizer, scale=0.5)
+    with pytest.raises(RuntimeError, match="a user's hook"):
+        train(model, optimizer, CASES["mlp"], 2)  # K = 2: the switch to the head
+    assert optimizer.active_block.name == "head"
+    assert expansion.expanded == {}  # the head's gradients reach its solver, not a sign step
+
+
 def test_one_expansion_per_optimizer():
     model, optimizer = build()
     first = bcd.landscape_expansion(optimizer, scale=0.5)
@@ -136,6 +152,7 @@ def test_resume_with_the_expansion_is_exact():
     ({"scale": True}, r"Invalid scale: True"),
     ({"scale": 0.5, "sign": 1}, r"Invalid sign: 1; accepted: True or False"),
     ({"scale": 0.5, "reach": "before"}, r"Invalid reach: 'before'; accepted: 'after' or 'all'"),
+    ({"scale": 0.5, "seed": 1.5}, r"Invalid seed: 1.5; accepted: an integer"),
 ])
 def test_bad_arguments_are_refused_and_change_nothing(options, message):
     model, optimizer = build()
@@ -147,13 +164,57 @@ def test_bad_arguments_are_refused_and_change_nothing(options, message):
         bcd.landscape_expansion(torch.optim.SGD(model.parameters(), lr=0.1), scale=0.5)
 
 
-def test_bf16_parameters_and_several_ranks_are_refused(monkeypatch):
-    model = CASES["mlp"].model(0, torch.bfloat16)
-    optimizer = bcd.BlockCoordinateOptimizer(model, lr=0.05, switch_every=2)
-    with pytest.raises(ValueError, match=r"inp.weight is torch.bfloat16; accepted: fp32 parameters"):
-        bcd.landscape_expansion(optimizer, scale=0.5)
-    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["inp.weight", "inp.bias"]
-    _, optimizer = build()
+def test_several_ranks_are_refused(monkeypatch):
+    model, optimizer = build()
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match=r"runs on 2 ranks .*accepted: one process"):
         bcd.landscape_expansion(optimizer, scale=0.5)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["layers.1.weight", "layers.1.bias"]
+
+
+def wide(dtype):
+    """An MLP wide enough (64 x 64 layers) that a mean over a layer's elements is a measurement."""
+    torch.manual_seed(0)
+    model = MLP(width=64).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bcd.PrecisionNote)
+        return model, bcd.BlockCoordinateOptimizer(model, lr=1e-4, switch_every=4, order_options={"start_block": 0})
+
+
+def test_a_bf16_step_below_half_a_spacing_moves_the_weight_in_expectation():
+    """1e-5 is far below half the bf16 spacing of these weights: to nearest, nothing would move; rounded
+    stochastically, the mean change over a layer's weights is the step."""
+    model, optimizer = wide(torch.bfloat16)
+    bcd.landscape_expansion(optimizer, scale=0.1)  # sign steps of lr * scale = 1e-5
+    layer = model.layers[1].weight
+    before, grads = layer.detach().float().clone(), full_gradients(model, 0)["layers.1.weight"]
+    spacing = torch.nextafter(layer.detach(), torch.full_like(layer.detach(), float("inf"))).float() - before
+    coarse = spacing.abs() > 2.5e-5  # half a spacing above the step: rounded to nearest, these never move
+    assert coarse.sum() > 3000
+    train(model, optimizer, CASES["mlp"], 1)
+    moved = ((layer.detach().float() - before) * -grads.sign().float())[coarse]  # along the step: 1e-5 expected
+    spread = (moved.std() / moved.numel() ** 0.5).item()  # the standard error of the mean
+    assert abs(moved.mean().item() - 1e-5) < 5 * spread
+    assert (moved != 0).any() and spread < 1e-5 / 2  # the test can tell 1e-5 from 0
+
+
+def test_bf16_expansion_draws_are_seeded_by_the_step_and_resume_exactly():
+    def make():
+        model, optimizer = wide(torch.bfloat16)
+        return model, optimizer, bcd.landscape_expansion(optimizer, scale=0.5, reach="all", seed=3)
+
+    model, optimizer, _ = make()
+    train(model, optimizer, CASES["mlp"], 10)
+    reference = snapshot(model)
+    model, optimizer, expansion = make()
+    train(model, optimizer, CASES["mlp"], 5)  # mid-visit (K = 4)
+    saved = (copy.deepcopy(model.state_dict()), optimizer.state_dict())
+    model, optimizer, expansion = make()
+    model.load_state_dict(saved[0])
+    optimizer.load_state_dict(saved[1])
+    train(model, optimizer, CASES["mlp"], 5, start=5)
+    assert all(torch.equal(p, reference[n]) for n, p in model.named_parameters())
+    other, other_optimizer = wide(torch.bfloat16)
+    bcd.landscape_expansion(other_optimizer, scale=0.5, reach="all", seed=4)
+    train(other, other_optimizer, CASES["mlp"], 10)
+    assert any(not torch.equal(p, reference[n]) for n, p in other.named_parameters())  # the seed matters

@@ -1,0 +1,78 @@
+r"""Stochastic rounding: an update below half a bf16 (or fp16) spacing that survives in expectation.
+
+Rounding to nearest drops every change smaller than half the spacing :math:`u` between two
+neighbouring low-precision numbers around a weight, so a small step on a bf16 weight (a sign step
+of ``1e-5`` on a weight near 1, whose bf16 spacing is ``2^{-7}``) is lost every time. Stochastic
+rounding keeps it on average: a value :math:`x` between neighbours :math:`a \le x < b` becomes
+
+.. math::
+
+    \operatorname{SR}(x) = \begin{cases} b & \text{with probability } (x - a) / (b - a), \\
+                                          a & \text{otherwise,} \end{cases}
+    \qquad \mathbb{E}[\operatorname{SR}(x)] = x,
+
+which needs no state. The draws come from a generator seeded by :func:`generator`, from a seed,
+the optimizer step and the tensor's index, so a resumed run draws exactly what the uninterrupted
+one drew, with nothing to save.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Distinct seeds per (seed, step, tensor, draw): large odd multipliers keep the tuples apart.
+_MIX = (1_000_003, 998_244_353, 7_919)
+
+
+def generator(seed: int, step: int, index: int, draw: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of one rounding: a function of the seed, the optimizer step, the tensor's index and the draw.
+
+    Args:
+        seed: the run's seed.
+        step: the optimizer step the rounding belongs to.
+        index: the tensor's fixed position (e.g. among the optimizer's candidates).
+        draw: which rounding of that tensor within the step (accumulation micro-batches), 0 first.
+        device: where the draws are made (the tensor's device).
+    """
+    value = ((seed * _MIX[0] + step) * _MIX[1] + index) * _MIX[2] + draw
+    return torch.Generator(device=device).manual_seed(value % (2**63 - 1))
+
+
+def stochastic_round(value: torch.Tensor, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """``value`` rounded to ``dtype``, up or down with the probabilities that make the result unbiased.
+
+    Works for any target floating dtype with neighbours found by ``torch.nextafter`` (bf16, fp16,
+    their subnormals included). A value already representable, or not finite, is rounded to
+    nearest (exactly itself); a neighbour past the largest finite number is never drawn.
+
+    Args:
+        value: the exact values, in a wider dtype (fp32).
+        dtype: the target dtype.
+        generator: the source of the uniform draws (one per element), on ``value``'s device.
+
+    Returns:
+        A new tensor of ``dtype`` and ``value``'s shape.
+    """
+    nearest = value.to(dtype)
+    back = nearest.to(value.dtype)
+    # The other neighbour of value: one spacing from nearest, on value's side of it.
+    toward = torch.where(value > back, float("inf"), float("-inf")).to(dtype)
+    other = torch.nextafter(nearest, toward)
+    gap = other.to(value.dtype) - back
+    share = torch.where(torch.isfinite(gap) & (gap != 0), (value - back) / gap, torch.zeros_like(value))
+    draws = torch.rand(value.shape, generator=generator, device=value.device, dtype=value.dtype)
+    return torch.where(draws < share.nan_to_num(0.0), other, nearest)
+
+
+def add_rounded_(param: torch.Tensor, update: torch.Tensor, alpha: float, generator: torch.Generator) -> None:
+    """``param += alpha * update`` in place; for a bf16/fp16 ``param`` computed in fp32 and stochastically rounded back.
+
+    A wider ``param`` (fp32, fp64) is updated as ``torch.add_`` does: its rounding is already far
+    below any step worth taking.
+    """
+    with torch.no_grad():
+        if param.dtype not in (torch.bfloat16, torch.float16):
+            param.add_(update, alpha=alpha)
+            return
+        exact = param.float().add_(update.float(), alpha=alpha)
+        param.copy_(stochastic_round(exact, param.dtype, generator))
