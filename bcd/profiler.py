@@ -132,14 +132,24 @@ def check_device(device: str) -> torch.device:
 
 
 def default_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """The model's own loss on ``input_ids`` (labels = inputs, or class 0 for classifiers)."""
+    """The model's own loss on ``input_ids`` (labels = inputs, or class 0 for classifiers).
+
+    A model without a loss (an encoder such as ``BertModel``, which takes no labels) gets the sum
+    of every floating-point output, so that each part (the pooler too) reaches it.
+    """
     if type(model).__name__.endswith("ForSequenceClassification"):
         labels = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
     else:
         labels = input_ids
-    output = model(input_ids=input_ids, labels=labels)
+    try:
+        output = model(input_ids=input_ids, labels=labels)
+    except TypeError:  # forward() takes no labels
+        output = model(input_ids=input_ids)
     loss = getattr(output, "loss", None)
-    return loss if loss is not None else output[0].float().sum()
+    if loss is not None:
+        return loss
+    values = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else [output]
+    return sum(t.float().sum() for t in values if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 
 def profile(
@@ -202,6 +212,13 @@ def profile(
         forward = counter.get_total_flops()
         if not active:
             return forward, 0
+        if not loss.requires_grad:
+            unreached = next(label for label, _, names in configs if names == active)
+            raise ValueError(
+                f"Block {unreached!r} does not reach the loss ({getattr(loss_fn, '__name__', 'loss_fn')}): its "
+                "parameters get no gradient, so there is no backward to profile. Accepted: a loss that uses every "
+                "block (loss_fn=...), or a partition that leaves that block out."
+            )
         with FlopCounterMode(display=False) as counter:
             loss.backward()
         return forward, counter.get_total_flops()
@@ -280,13 +297,20 @@ def profile(
     )
 
 
+def edge_of(block_name: str, edges: tuple[str, ...] = EDGE_BLOCKS) -> str | None:
+    """The edge (``embedding`` or ``head``) a block is, or is a row block of (``head/3``), else None."""
+    return next((edge for edge in edges if block_name == edge or block_name.startswith(f"{edge}/")), None)
+
+
 def predict_epoch(blocks: tuple[BlockProfile, ...], partitioner: str = "layer") -> EpochPrediction:
     """The block-epoch figures from per-block profiles (see the module docstring)."""
     edges = EDGE_BLOCKS if partitioner == "layer" else ()
-    inner = [b for b in blocks if b.name not in edges] or list(blocks)
-    head = next((b for b in blocks if b.name == "head" and "head" in edges), None)
+    inner = [b for b in blocks if edge_of(b.name, edges) is None] or list(blocks)
+    # A head split into row blocks: each row block's backward is the whole head's (a row block
+    # makes its tensor trainable), so the head's share is their mean.
+    head = [b.backward_flops_ratio for b in blocks if edge_of(b.name, edges) == "head"]
     d = len(inner)
-    head_share = head.backward_flops_ratio if head else 0.0
+    head_share = sum(head) / len(head) if head else 0.0
     times = [b.backward_time_ratio for b in inner if b.backward_time_ratio is not None]
     return EpochPrediction(
         blocks=d,

@@ -46,6 +46,38 @@ def _fail(message: str) -> None:
     raise ValueError(f"Invalid state dict: {message}")
 
 
+# What wrappers add to parameter and module names: DDP and accelerate's ``module.`` and
+# torch.compile's ``_orig_mod.`` in front, FSDP1's and activation checkpointing's inside.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def canonical(name: str) -> str:
+    """``name`` without what wrappers add, so a state dict saved under DDP, torch.compile or FSDP loads into the bare model.
+
+    >>> canonical("module._orig_mod.model.layers.0.mlp.up_proj.weight[0:8]")
+    'model.layers.0.mlp.up_proj.weight[0:8]'
+    """
+    for segment in WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, stripped = name[len(prefix):], True
+    return name
+
+
+def _canonical_lists(value: Any) -> Any:
+    """Lists of names (a fingerprint, group members) with every string made :func:`canonical`."""
+    if isinstance(value, str):
+        return canonical(value)
+    if isinstance(value, (list, tuple)):
+        return [_canonical_lists(v) for v in value]
+    return value
+
+
 def solver_groups(
     param_groups: Sequence[Mapping[str, Any]], group_names: Sequence[Sequence[str]], tensors: Mapping[str, torch.Tensor]
 ) -> tuple[list[dict[str, Any]], list[int]]:
@@ -166,7 +198,8 @@ def save(optimizer: BlockCoordinateOptimizer) -> dict[str, Any]:
     """The state dict of ``optimizer``: plain data and tensors, parameters by qualified name."""
     return {
         "format": STATE_FORMAT,
-        "partition": optimizer.partition.fingerprint(),
+        # Names without wrapper prefixes: the dict loads into the bare model or another wrapper.
+        "partition": _canonical_lists(optimizer.partition.fingerprint()),
         "switch_every": optimizer.switch_every,
         "partitioner": optimizer.composition.partitioner_name,
         "partitioner_options": options_of(optimizer.composition.partitioner),
@@ -175,13 +208,14 @@ def save(optimizer: BlockCoordinateOptimizer) -> dict[str, Any]:
         "schedule": {**optimizer.schedule.state_dict(), "active_block": optimizer.schedule.active},
         "switches": optimizer.switches,
         "param_groups": [
-            {**{k: v for k, v in group.items() if k != "params"}, "params": list(names)}
+            {**{k: v for k, v in group.items() if k != "params"}, "params": [canonical(n) for n in names]}
             for group, names in zip(optimizer.param_groups, optimizer._group_names)
         ],
         # None and {} before the visit's first step: nothing to restore but the position. Copies:
         # the solver state and masters live in buffers that the next visit (or a load) reuses.
         "solver_state": _detached(optimizer.solver.state_dict()) if optimizer.solver is not None else None,
-        "master_copies": _detached(optimizer.master_copies.state_dict()) if optimizer.master_copies is not None else {},
+        "master_copies": ({canonical(k): v for k, v in _detached(optimizer.master_copies.state_dict()).items()}
+                          if optimizer.master_copies is not None else {}),
     }
 
 
@@ -207,7 +241,9 @@ def check(saved: Any, optimizer: BlockCoordinateOptimizer) -> Restore:
     else:  # a bad epoch is refused by the schedule below
         partition = optimizer.partition
     fingerprint = saved["partition"]
-    if not isinstance(fingerprint, list) or [list(b) for b in fingerprint if isinstance(b, (list, tuple))] != partition.fingerprint():
+    if (not isinstance(fingerprint, list)
+            or [_canonical_lists(list(b)) for b in fingerprint if isinstance(b, (list, tuple))]
+            != _canonical_lists(partition.fingerprint())):
         shown = [b[0] for b in fingerprint if isinstance(b, (list, tuple)) and b][:6] if isinstance(fingerprint, list) else fingerprint
         _fail(
             f"it was saved for another partition (block or parameter names differ); saved blocks {shown!r}..., "
@@ -219,7 +255,7 @@ def check(saved: Any, optimizer: BlockCoordinateOptimizer) -> Restore:
     schedule = attrs.evolve(optimizer.schedule, num_blocks=len(partition)).load(saved["schedule"])
     groups = saved["param_groups"]
     if (not isinstance(groups, list) or not all(isinstance(g, Mapping) and "params" in g for g in groups)
-            or [list(g["params"]) for g in groups] != optimizer._group_names):
+            or [_canonical_lists(list(g["params"])) for g in groups] != _canonical_lists(optimizer._group_names)):
         count = len(groups) if isinstance(groups, list) else type(groups).__name__
         _fail(
             f"{count} parameter group(s) with other members than this optimizer's {len(optimizer._group_names)}; "
@@ -237,7 +273,11 @@ def check(saved: Any, optimizer: BlockCoordinateOptimizer) -> Restore:
         solver_state = _check_solver_state(solver_state, optimizer, groups, block.param_names)
         expected = {n: entry_shape(n, optimizer._candidates) for n in block.param_names
                     if needs_master(optimizer._candidates[parse_entry(n)[0]])}
-        masters = _check_masters(saved["master_copies"], expected)
+        own = {canonical(n): n for n in expected}
+        keyed = saved["master_copies"]
+        if isinstance(keyed, Mapping):  # saved under another wrapper: keyed by this model's names
+            keyed = {own.get(canonical(k), k) if isinstance(k, str) else k: v for k, v in keyed.items()}
+        masters = _check_masters(keyed, expected)
     elif saved["master_copies"]:
         _fail("master_copies are given but solver_state is None; accepted: both or neither (before a visit's first step).")
     elif schedule.step_in_block:

@@ -125,3 +125,31 @@ def test_repeats_that_disagree_are_warned_about(tiny_profile):
                                          *steady.blocks[1:]))
     warning = profile_report.spread_warning(noisy)
     assert warning.startswith("warning: repeats disagree up to 30.0x (max/min, embedding)")
+
+
+def test_row_split_embedding_and_head_are_edges_in_the_prediction():
+    """Every real LLM's embedding is larger than a layer: its row blocks ("head/3") are the head, not layers."""
+    timing = profiler.Timing(median=1.0, min=1.0, max=1.0)
+
+    def block(name, ratio):
+        return profiler.BlockProfile(name=name, depth=0, params=1, forward_flops=1, backward_flops=1,
+                                     backward_flops_ratio=ratio, forward_time=timing, backward_time=timing,
+                                     backward_time_ratio=ratio, memory_delta=None)
+
+    blocks = (block("embedding/0", 0.5), block("embedding/1", 0.5), block("model.layers.0", 0.6),
+              block("model.layers.1", 0.3), block("head/0", 0.04), block("head/1", 0.02))
+    epoch = profiler.predict_epoch(blocks)
+    assert epoch.blocks == 2 and epoch.head_share == pytest.approx(0.03)
+    assert epoch.flops == pytest.approx(0.45) and epoch.refined == pytest.approx(4 / 8 + 0.03)
+
+
+def test_an_encoder_without_a_loss_is_profiled(tmp_path, capsys):
+    """all-MiniLM-L6-v2's config names BertModel: no labels, no loss; every output is summed instead."""
+    config = {"model_type": "bert", "architectures": ["BertModel"], "vocab_size": 64, "hidden_size": 16,
+              "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 64}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    code = main(["profile", "--config", str(tmp_path), "--batch", "1", "--seq", "8", "--repeats", "1", "--warmup", "0",
+                 "--dtype", "fp32"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "profiling counting FLOPs: encoder.layer.1" in captured.out and "profiling counting FLOPs: head" in captured.out

@@ -222,3 +222,36 @@ def test_a_state_dict_is_a_copy_that_later_steps_and_loads_leave_alone():
     assert deep_equal(optimizer.state_dict(), kept)
     moments = optimizer.solver.state_dict()["state"][0]["exp_avg"]
     assert moments.abs().sum() > 0  # o.load_state_dict(o.state_dict()) once zeroed Adam's moments
+
+
+class _Wrapper(torch.nn.Module):
+    """What DDP and accelerate add to every name: ``module.``; torch.compile's ``_orig_mod.`` alike."""
+
+    def __init__(self, model, attribute="module"):
+        super().__init__()
+        setattr(self, attribute, model)
+
+    def forward(self, *args, **kwargs):
+        return next(self.children())(*args, **kwargs)
+
+
+@pytest.mark.parametrize("saved_under, loaded_under", [("module", None), (None, "module"), ("_orig_mod", "module")])
+def test_a_state_dict_saved_under_a_wrapper_loads_into_the_bare_model_and_back(saved_under, loaded_under):
+    case = CASES["llama"]
+
+    def make(attribute):
+        model = case.model(dtype=torch.bfloat16)
+        driven = _Wrapper(model, attribute) if attribute else model
+        return model, bcd.BlockCoordinateOptimizer(driven, lr=1e-2, switch_every=K, order="random",
+                                                   order_options={"seed": SEED}, no_decay=True)
+
+    model, optimizer = make(saved_under)
+    train(model, optimizer, case, K + 1)  # mid-visit: masters and solver state in the dict
+    saved, weights = optimizer.state_dict(), copy.deepcopy(model.state_dict())
+    assert not any(name.startswith(("module.", "_orig_mod.")) for name in saved["master_copies"])
+    expected = train(model, optimizer, case, 2 * K, start=K + 1)
+    other, other_optimizer = make(loaded_under)
+    other.load_state_dict(weights)
+    other_optimizer.load_state_dict(saved)
+    assert train(other, other_optimizer, case, 2 * K, start=K + 1) == expected
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), other.parameters()))

