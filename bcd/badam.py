@@ -17,11 +17,32 @@ BAdam = ``layer`` partition + an ordering + ``adamw`` inner solver, K steps per 
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from typing import Any
 
+import torch
 from torch import nn
 
 from bcd.optimizer import BlockCoordinateOptimizer
+
+
+def _check_keywords(solver_options: dict[str, Any]) -> None:
+    """Refuse a keyword that is neither BAdam's nor AdamW's, listing both (a typo of ``switch_every`` is not an AdamW option).
+
+    Raises:
+        ValueError: naming the keyword, a close match, and both lists.
+    """
+    own = [n for n in inspect.signature(BAdam.__init__).parameters if n not in ("self", "model", "solver_options")]
+    adamw = [n for n in inspect.signature(torch.optim.AdamW.__init__).parameters if n not in ("self", "params")]
+    unknown = sorted(set(solver_options) - set(adamw))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], own + adamw, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(
+            f"Unknown keyword(s) {unknown} for bcd.BAdam{hint}; accepted: BAdam's own ({', '.join(own)}) or "
+            f"torch.optim.AdamW's ({', '.join(sorted(adamw))})."
+        )
 
 
 class BAdam(BlockCoordinateOptimizer):
@@ -95,6 +116,7 @@ class BAdam(BlockCoordinateOptimizer):
         data_parallel: bool = False,
         **solver_options: Any,
     ) -> None:
+        _check_keywords(solver_options)
         order_options: dict[str, Any] = {}
         if seed is not None:
             order_options["seed"] = seed

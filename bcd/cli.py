@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--order", default="random",
                       help="block order: random, importance, ascending, descending, fixed (default random)")
     tune.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    tune.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                      help="the model's dtype while training: bf16 (default; fp32 masters for the active block only), "
+                           "fp16 or fp32")
     tune.add_argument("--gradient-checkpointing", action="store_true", help="non-reentrant activation checkpointing")
     tune.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
     tune.set_defaults(run=commands.run_finetune)
@@ -180,6 +183,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exit.code if isinstance(exit.code, int) else 2
     try:
         return args.run(args)
+    except BrokenPipeError:  # `bcd plugins --json | head`: the reader has what it wanted; end quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush finds no closed pipe
+        return 141  # 128 + SIGPIPE, as a program the pipe closed on
     except (ValueError, OSError) as error:
         message = " ".join(str(error).split())  # one line, whatever the message held
         sys.stderr.write(f"bcd {args.command}: error: {message}\n")

@@ -27,6 +27,14 @@ def _options(pairs: Sequence[str] | None, flag: str) -> dict:
     return options
 
 
+def count(number: int) -> str:
+    """A parameter count as people say it: 7.24B, 22.7M, 46.2K, 512."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if number >= scale:
+            return f"{number / scale:.3g}{unit}"
+    return str(number)
+
+
 def run_memory(args: argparse.Namespace) -> int:
     from bcd import memory
     from bcd.presets import build_model, load_config, parse_dtype
@@ -59,7 +67,7 @@ def run_memory(args: argparse.Namespace) -> int:
         return 0
     size = memory.format_size
     per_rank = f", per rank of {args.world_size} (FSDP2)" if args.world_size > 1 else ""
-    table = Table(title=f"Memory of {report.model} ({report.params / 1e9:.2f}B parameters, {report.dtype}){per_rank}, "
+    table = Table(title=f"Memory of {report.model} ({count(report.params)} parameters, {report.dtype}){per_rank}, "
                         "GB = 10^9 bytes")
     for column in ("method", "weights", "gradients", "solver state", "master copies", "total"):
         table.add_column(column, justify="left" if column == "method" else "right")
@@ -159,6 +167,7 @@ def run_profile(args: argparse.Namespace) -> int:
 def run_finetune(args: argparse.Namespace) -> int:
     from bcd.finetune import finetune, perplexity
     from bcd.memory import format_size
+    from bcd.presets import parse_dtype
 
     plugins.lookup("ordering", args.order)  # an unknown name is refused before any data is read
     console = Console(width=max(Console().width, 120))
@@ -170,6 +179,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, max_length=args.max_length, learning_rate=args.lr,
         switch_every=args.switch_every, order=args.order, seed=args.seed,
         gradient_checkpointing=args.gradient_checkpointing, tensorboard=not args.no_tensorboard,
+        dtype=parse_dtype(args.dtype),
     )
     table = Table(title="bcd finetune: summary")
     table.add_column("")

@@ -124,6 +124,38 @@ def tokenize(data, tokenizer, max_length: int):
     return data.map(encode, remove_columns=data.column_names)
 
 
+def load_causal_lm(name: str, dtype: torch.dtype):
+    """The tokenizer and causal language model of ``name`` (a local folder or a hub name), in ``dtype``.
+
+    Raises:
+        ValueError: no tokenizer there ("no tokenizer in DIR"), or the model is not a causal LM.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"Invalid model: no readable config in {name!r} ({' '.join(str(error).split())[:160]}); "
+                         "accepted: a model folder with config.json, or a hub name (needs network).") from error
+    architectures = getattr(config, "architectures", None) or []
+    causal = [a for a in architectures if a.endswith(("ForCausalLM", "LMHeadModel"))]
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (architectures and not causal):
+        raise ValueError(
+            f"Invalid model: {name!r} is not a causal LM (model_type {config.model_type!r}, architectures "
+            f"{getattr(config, 'architectures', None)}); accepted: a causal language model (a ...ForCausalLM, e.g. "
+            "Llama, Qwen2, GPT-2), which bcd finetune trains on instruction data."
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError, TypeError) as error:
+        raise ValueError(f"Invalid model: no tokenizer in {name!r} ({type(error).__name__}); accepted: a model folder "
+                         "with its tokenizer files (tokenizer.json or tokenizer_config.json and vocabulary).") from error
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+
+
 @attrs.frozen(kw_only=True)
 class FinetuneSummary:
     """What a fine-tuning run did."""
@@ -158,11 +190,12 @@ def finetune(
     gradient_checkpointing: bool = False,
     tensorboard: bool = True,
     progress: bool = True,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> FinetuneSummary:
     """Fine-tune with ``bcd.BAdam`` and the Trainer; see ``bcd finetune --help`` for the options."""
     import time
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
     from transformers.integrations import TensorBoardCallback
 
     from bcd import memory, plugins
@@ -181,13 +214,10 @@ def finetune(
     if model_name is None:
         texts = [format_prompt(e) + e["output"] for e in data]
         tokenizer = train_tokenizer(texts)
-        model = tiny_llama(vocab_size=len(tokenizer), layers=4, hidden=128, dtype=torch.bfloat16)
+        model = tiny_llama(vocab_size=len(tokenizer), layers=4, hidden=128, dtype=dtype)
         model.config.pad_token_id, model.config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     else:
-        tokenizer = AutoTokenizer.from_pretrained(model_name)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch.bfloat16)
+        tokenizer, model = load_causal_lm(model_name, dtype)
     split = tokenize(data, tokenizer, max_length).train_test_split(test_size=0.1, seed=seed)
     args = TrainingArguments(
         output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=batch_size,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -46,6 +47,10 @@ def main() -> None:
         accelerator = Accelerator(cpu=not cuda,
                                   kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+        if world == 1 and os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true":
+            # `accelerate launch --cpu --num_processes N` starts one process whatever N is.
+            print("note: accelerate started 1 process: with --cpu it ignores --num_processes; for N CPU processes "
+                  "use `accelerate launch --multi_gpu --num_processes N` (docs/distributed.md)", file=sys.stderr)
     else:
         dist.init_process_group("nccl" if cuda else "gloo")
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")

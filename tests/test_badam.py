@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import bcd
 from bcd import testing
 
-from conftest import CASES, train
+from conftest import CASES, tiny_llama, train
 
 
 def test_badam_equals_its_hand_built_composition():
@@ -49,3 +50,9 @@ def test_badam_trains_models_whose_layers_are_not_called_layers():
         # Every step moves the active block and nothing else, two block-epochs long.
         testing.check_invariants(model, optimizer, case.loss, steps=2 * len(optimizer.blocks))
         assert optimizer.block_epoch == 2
+
+
+def test_a_misspelt_keyword_names_badams_own_and_adamws():
+    with pytest.raises(ValueError, match=r"Unknown keyword\(s\) \['swich_every'\] for bcd.BAdam \(did you mean 'switch_every'\?\); "
+                                         r"accepted: BAdam's own \(lr, switch_every, .*\) or torch.optim.AdamW's \(amsgrad"):
+        bcd.BAdam(tiny_llama(layers=2), swich_every=3)

@@ -58,6 +58,10 @@ def _files(tmp_path):
     (tmp_path / "numbers.jsonl").write_text(json.dumps({"instruction": "add", "output": 3}) + "\n")
     (tmp_path / "huge.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 10**18}))
     (tmp_path / "wide.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 2**40, "num_attention_heads": 1}))
+    (tmp_path / "encoder").mkdir()
+    (tmp_path / "encoder" / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    (tmp_path / "no-tokenizer").mkdir()
+    (tmp_path / "no-tokenizer" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (tmp_path / "a-file").write_text("")
     return tmp_path
 
@@ -97,6 +101,9 @@ BAD_INVOCATIONS = [
     (["finetune", "--dataset", "{tmp}/numbers.jsonl", "--output-dir", "{tmp}/out"], "column 'output' holds int64 values"),
     (["finetune", "--dataset", "./missing.jsonl", "--output-dir", "{tmp}/out"], "'./missing.jsonl' is no file"),
     (["finetune", "--output-dir", "{tmp}/a-file/out"], "not a writable folder"),
+    (["finetune", "--model", "{tmp}/encoder", "--output-dir", "{tmp}/out"], "encoder' is not a causal LM (model_type 'bert'"),
+    (["finetune", "--model", "{tmp}/no-tokenizer", "--output-dir", "{tmp}/out"], "no tokenizer in '"),
+    (["finetune", "--dtype", "fp8", "--output-dir", "{tmp}/out"], "argument --dtype: invalid choice: 'fp8'"),
     (["finetune", "--lr", "-1"], "argument --lr: '-1'; accepted: a finite number > 0.0"),
     (["finetune", "--lr", "inf"], "argument --lr: 'inf'; accepted: a finite number > 0.0"),
     (["finetune", "--max-steps", str(10**20)], f"argument --max-steps: '{10**20}'; accepted: an integer >= 1 and <= 1e+09"),
@@ -137,3 +144,15 @@ def test_a_refused_dataset_is_one_line_on_stderr_from_the_console_script(tmp_pat
     assert result.returncode == 2
     assert len(result.stderr.splitlines()) == 1, result.stderr
     assert result.stderr.startswith("bcd finetune: error: Cannot load dataset") and "JSON parse error" in result.stderr
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`bcd plugins --json | head -1`: the reader closed the pipe; no BrokenPipeError on stderr."""
+    result = subprocess.run("bcd plugins --json | head -1", shell=True, capture_output=True, text=True)
+    assert result.stdout.strip() == "[" and result.stderr == ""
+
+
+def test_parameter_counts_are_readable(capsys):
+    assert main(["memory", "--preset", "llama-tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "0.00B" not in out and "K parameters, bfloat16" in out

@@ -6,8 +6,7 @@ The rules that make a snippet runnable here are mechanical, and these are all of
   ``bcd``, ``model`` (a bf16 tiny Llama from :func:`bcd.presets.tiny_llama`), ``optimizer``
   (``bcd.BAdam`` over it), ``loader`` (a ``DataLoader`` of ``input_ids``/``labels`` batches),
   ``data`` (a ``datasets.Dataset`` of the same) and ``rank = 0``, with ``examples/bcd-halves`` on
-  ``sys.path``; a hub name in :data:`HUB` is replaced by a tiny model saved locally, and
-  ``TrainingArguments`` gets ``use_cpu=True`` where there is no CUDA.
+  ``sys.path``; a hub name in :data:`HUB` is replaced by a tiny model saved locally.
 - **Shell** snippets run command by command (backslash continuations joined, ``# comments``
   dropped) in a fresh folder; placeholders in :data:`PLACEHOLDERS` become local files; slow
   commands get the flags in :data:`FASTER` appended (a later flag wins); commands starting with a
@@ -33,9 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "examples" / "bcd-halves" / "README.md"]
 FENCE = re.compile(r"(?:<!-- snippet: skip, (?P<skip>.+?) -->\n)?^```(?P<lang>python|bash|shell|sh)\n(?P<code>.*?)^```",
                    re.S | re.M)
-HUB = {"meta-llama/Llama-3.2-1B": "{tiny_model}",
-       # bf16=True on a machine without CUDA needs the Trainer told to use the CPU.
-       "TrainingArguments(": "TrainingArguments(use_cpu=not torch.cuda.is_available(), "}
+# The docs' TrainingArguments say use_cpu themselves (bf16=True without CUDA needs it): they run as written.
+HUB = {"meta-llama/Llama-3.2-1B": "{tiny_model}"}
 PLACEHOLDERS = {"path/to/config.json": "{tiny_config}", "path/or/hub-name": "{tiny_model}", "data.jsonl": "{tiny_data}"}
 FASTER = {"bcd finetune": "--max-steps 12 --switch-every 3", "bcd profile": "--batch 2 --seq 32 --repeats 1 --warmup 0"}
 NOT_RUN = {

@@ -9,6 +9,7 @@ import pytest
 
 from bcd.cli import main
 from bcd.finetune import IGNORE_INDEX, format_prompt, load_instructions, tokenize, train_tokenizer
+from bcd.integrations.transformers import ShortRunWarning
 from bcd.presets import tiny_llama
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -70,12 +71,15 @@ def test_finetune_with_a_local_model_directory_and_dataset(tmp_path, capsys):
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     out = tmp_path / "out"
-    code = main(["finetune", "--model", str(model_dir), "--dataset", str(dataset), "--output-dir", str(out),
-                 "--max-steps", "6", "--batch-size", "4", "--switch-every", "2", "--no-tensorboard"])
+    # D = 4 blocks at K = 2 need 8 steps to visit each once: 6 leave one untrained, and the run says so.
+    with pytest.warns(ShortRunWarning, match=r"6 steps are fewer than one block-epoch \(K x D = 2 x 4 = 8\): 1 of the 4"):
+        code = main(["finetune", "--model", str(model_dir), "--dataset", str(dataset), "--output-dir", str(out),
+                     "--max-steps", "6", "--batch-size", "4", "--switch-every", "2", "--no-tensorboard", "--dtype", "fp32"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "eval loss before -> after" in printed and "block-epochs completed" in printed
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"  # --dtype fp32 trained in fp32
 
 
 def test_finetune_demo_defaults_learn(tmp_path):

@@ -8,7 +8,8 @@ from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
 import bcd
-from bcd.integrations.transformers import _unwrap, BlockCoordinateCallback, attach, badam_from_training_args
+from bcd.integrations.transformers import (ShortRunWarning, _unwrap, BlockCoordinateCallback, attach,
+                                          badam_from_training_args)
 
 from conftest import tiny_llama
 
@@ -103,3 +104,27 @@ def test_the_trainers_fsdp_mode_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
     with pytest.raises(ValueError, match=r"FSDP mode"):
         badam_from_training_args(tiny_llama(layers=2), arguments(tmp_path))
+
+
+def test_evaluate_returns_the_models_metrics_only(tmp_path):
+    """The callback adds bcd/* entries to training logs, not to the metrics evaluate() returns."""
+    torch.manual_seed(0)
+    model = tiny_llama(layers=2)
+    args = arguments(tmp_path)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset(), eval_dataset=dataset(),
+                      optimizers=(badam_from_training_args(model, args, switch_every=3), None))
+    attach(trainer)
+    metrics = trainer.evaluate()
+    assert "eval_loss" in metrics and not any(key.startswith("bcd/") for key in metrics)
+
+
+def test_a_run_shorter_than_one_block_epoch_is_warned_about(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_llama(layers=2)  # D = 4
+    args = arguments(tmp_path, max_steps=5)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset(),
+                      optimizers=(badam_from_training_args(model, args, switch_every=3), None))
+    attach(trainer)
+    with pytest.warns(ShortRunWarning, match=r"5 steps are fewer than one block-epoch \(K x D = 3 x 4 = 12\): 2 of the 4 "
+                                             r"blocks will never be trained. Accepted: switch_every <= 1"):
+        trainer.train()

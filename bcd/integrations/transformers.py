@@ -17,6 +17,7 @@ entry per parameter. This module adds the two conveniences:
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 from torch import nn
@@ -62,6 +63,25 @@ def badam_from_training_args(model: nn.Module, args: TrainingArguments, **kwargs
     return BAdam(model, **settings)
 
 
+class ShortRunWarning(UserWarning):
+    """A run too short to visit every block once: some blocks are never trained."""
+
+
+def warn_if_short(max_steps: int, optimizer: BlockCoordinateOptimizer) -> bool:
+    """Warn (:class:`ShortRunWarning`) when ``max_steps`` is fewer than one block-epoch, K x D steps; returns whether it did."""
+    blocks, switch_every = len(optimizer.blocks), optimizer.switch_every
+    if max_steps is None or max_steps <= 0 or max_steps >= blocks * switch_every:
+        return False
+    untrained = blocks - -(-max_steps // switch_every)
+    warnings.warn(
+        f"bcd: {max_steps} steps are fewer than one block-epoch (K x D = {switch_every} x {blocks} = "
+        f"{switch_every * blocks}): {untrained} of the {blocks} blocks will never be trained. Accepted: "
+        f"switch_every <= {max(1, max_steps // blocks)} for this run, or more steps.",
+        ShortRunWarning, stacklevel=2,
+    )
+    return True
+
+
 def _unwrap(optimizer: Any) -> BlockCoordinateOptimizer | None:
     """bcd's optimizer inside accelerate's wrapper, or None."""
     while optimizer is not None and not isinstance(optimizer, BlockCoordinateOptimizer):
@@ -85,9 +105,15 @@ class BlockCoordinateCallback(TrainerCallback):
         self.memory = memory
         self._settings_logged = False
 
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        bcd_optimizer = _unwrap(optimizer)
+        if bcd_optimizer is not None:
+            warn_if_short(args.max_steps, bcd_optimizer)
+
     def on_log(self, args, state, control, logs=None, model=None, optimizer=None, **kwargs):
         bcd_optimizer = _unwrap(optimizer)
-        if bcd_optimizer is None or logs is None:
+        # An evaluation's log is the dict evaluate() returns: its metrics stay the model's own.
+        if bcd_optimizer is None or logs is None or any(key.startswith("eval_") for key in logs):
             return
         if not self._settings_logged:
             # The run's bcd hyperparameters, once (the Trainer logs its own arguments itself).
