@@ -46,8 +46,9 @@ def check_supported(model: nn.Module) -> None:
     if type(model).__name__ == "DeepSpeedEngine" or any(hasattr(p, "ds_id") for p in model.parameters()):
         raise ValueError(
             "Unsupported model: a DeepSpeed engine or ZeRO-3 partitioned parameters; bcd runs on PyTorch's own "
-            "engines. Accepted: FSDP2 (torch.distributed.fsdp.fully_shard), DDP(find_unused_parameters=True), or "
-            "BlockCoordinateOptimizer(..., data_parallel=True)."
+            "engines. Accepted: FSDP2 (torch.distributed.fsdp.fully_shard, launched with torchrun --nproc-per-node N, "
+            "as examples/distributed_loop.py --mode fsdp2), DDP(find_unused_parameters=True), or "
+            "BlockCoordinateOptimizer(..., data_parallel=True); docs/migrating.md maps a ZeRO-3 setup onto them."
         )
     from torch.distributed.fsdp import FullyShardedDataParallel
 

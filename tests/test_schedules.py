@@ -12,17 +12,23 @@ import bcd
 from conftest import CASES, MLP
 
 
-def test_rate_climbs_over_each_visit_and_follows_a_base_schedule():
-    model = MLP()
-    optimizer = bcd.BlockCoordinateOptimizer(model, lr=1.0, switch_every=4, solver="sgd")
-    scheduler = bcd.switch_warmup(optimizer, steps=2, base=lambda step: 0.5 ** step)
+def rates(model, optimizer, scheduler, steps: int) -> list[float]:
+    """The rate at each of ``steps`` training steps, the scheduler stepped after each."""
     seen = []
-    for step in range(8):
+    for step in range(steps):
         seen.append(optimizer.param_groups[0]["lr"])
         CASES["mlp"].loss(model, step).backward()
         optimizer.step()
         optimizer.zero_grad()
         scheduler.step()
+    return seen
+
+
+def test_rate_climbs_over_each_visit_and_follows_a_base_schedule():
+    model = MLP()
+    optimizer = bcd.BlockCoordinateOptimizer(model, lr=1.0, switch_every=4, solver="sgd")
+    scheduler = bcd.switch_warmup(optimizer, steps=2, base=lambda step: 0.5 ** step)
+    seen = rates(model, optimizer, scheduler, 8)
     expected = [0.5 ** n * min(1.0, (n % 4 + 1) / 2) for n in range(8)]
     assert all(math.isclose(a, b) for a, b in zip(seen, expected)), seen
 
@@ -35,13 +41,7 @@ def test_a_continued_visit_warms_up_once(order, switch_every):
                                           "partitioner_options": {"blocks": [[n for n, _ in model.named_parameters()]]}}
     optimizer = bcd.BlockCoordinateOptimizer(model, lr=1.0, switch_every=switch_every, order=order, solver="sgd", **blocks)
     scheduler = bcd.switch_warmup(optimizer, steps=4)
-    seen = []
-    for step in range(8):
-        seen.append(optimizer.param_groups[0]["lr"])
-        CASES["mlp"].loss(model, step).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        scheduler.step()
+    seen = rates(model, optimizer, scheduler, 8)
     assert seen == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0]
 
 
