@@ -24,6 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from bcd.checks import positive_int
+from bcd.construction import resolve_partition
+from bcd.expansion import check_expansion, landscape_expansion
 from bcd.optimizer import BlockCoordinateOptimizer
 
 
@@ -45,6 +48,28 @@ def _check_keywords(solver_options: dict[str, Any]) -> None:
         )
 
 
+#: ``switch_every=AUTO``: K from the run length, about three block-epochs over ``total_steps``.
+AUTO = "auto"
+#: Block-epochs a run of ``total_steps`` makes with ``switch_every="auto"`` (docs/benchmarks.md, "Quality").
+AUTO_BLOCK_EPOCHS = 3
+
+
+def _resolve_switch_every(model: nn.Module, switch_every: Any, total_steps: Any, options: dict[str, Any]) -> Any:
+    """K for ``switch_every="auto"``: ``max(1, total_steps // (3 D))``, D from the partition BAdam will use.
+
+    Raises:
+        ValueError: ``"auto"`` without ``total_steps``, or ``total_steps`` not an integer >= 1.
+    """
+    if total_steps is None:
+        raise ValueError(f"Invalid switch_every: {switch_every!r} needs the run length; accepted: "
+                         "switch_every='auto' with total_steps=N (the run's optimizer steps), or an integer K.")
+    positive_int("total_steps", total_steps)
+    if switch_every != AUTO:
+        return switch_every  # K given: total_steps is only the run length
+    blocks = len(resolve_partition(model, "layer", options)[2])
+    return max(1, total_steps // (AUTO_BLOCK_EPOCHS * blocks))
+
+
 class BAdam(BlockCoordinateOptimizer):
     """Block-coordinate Adam: one transformer layer at a time, fp32 state for that layer only.
 
@@ -60,7 +85,8 @@ class BAdam(BlockCoordinateOptimizer):
       ``"ascending"``, ``"descending"`` and ``"fixed"`` are the alternatives.
     - ``switch_every=100``: K, Adam steps per block visit (the paper's, for runs of thousands of
       steps). For a shorter run pick K so that it makes at least three block-epochs,
-      K = steps / (3D).
+      K = steps / (3D): ``switch_every="auto", total_steps=steps`` does that for you (the
+      Trainer integration passes its ``max_steps``).
     - ``betas=(0.9, 0.999)``, ``eps=1e-8``: Adam's standard values, which Algorithm 1 uses.
     - ``weight_decay=0.0``: Algorithm 1 is plain Adam. A value you set is used exactly, with
       decoupled (AdamW) decay; with 0 the update is Adam's.
@@ -75,6 +101,11 @@ class BAdam(BlockCoordinateOptimizer):
     of AdamW and ahead of LoRA on both tasks measured in fp32 (docs/user-guide.md, "Learning rate
     and K"; docs/benchmarks.md, "Quality"). On a bf16 model the expansion rounds its steps
     stochastically; its quality there is not measured yet.
+
+    What to write (docs/user-guide.md, "What to write"): a bf16 LLM on one GPU,
+    ``BAdam(model, lr=..., switch_every="auto", total_steps=steps, expansion="all")``; on several
+    GPUs the same without ``expansion``; a small pretrained classifier adds
+    ``include_embedding=False, order="importance"``. Only the last is measured (in fp32).
 
     Args:
         model: the model, ideally in bf16 (fp32 master copies then exist for the active block only).
@@ -93,6 +124,10 @@ class BAdam(BlockCoordinateOptimizer):
             layer's. Larger blocks are split by rows.
         no_decay: exempt biases and norm weights from weight decay.
         data_parallel: average the active block's gradients across ranks (see :mod:`bcd.distributed`).
+        total_steps: the run's optimizer steps; needed by ``switch_every="auto"``.
+        expansion: ``None`` (default), ``"after"`` or ``"all"``: a :func:`bcd.landscape_expansion`
+            with that reach, kept as ``self.expansion`` (one process only).
+        expansion_scale: its sign step as a multiple of the rate (default 0.25).
         **solver_options: further ``torch.optim.AdamW`` options (``foreach``, ``fused``, ``amsgrad``...);
             ``fused=True`` is the default on CPU and CUDA unless you pass ``fused`` or ``foreach``.
     """
@@ -114,6 +149,9 @@ class BAdam(BlockCoordinateOptimizer):
         max_block_params: int | None = None,
         no_decay: bool = False,
         data_parallel: bool = False,
+        total_steps: int | None = None,
+        expansion: str | None = None,
+        expansion_scale: float = 0.25,
         **solver_options: Any,
     ) -> None:
         _check_keywords(solver_options)
@@ -122,13 +160,18 @@ class BAdam(BlockCoordinateOptimizer):
             order_options["seed"] = seed
         if start_block is not None:
             order_options["start_block"] = start_block
+        partitioner_options = {"include_embedding": include_embedding, "include_head": include_head,
+                               "max_block_params": max_block_params}
+        if switch_every == AUTO or total_steps is not None:
+            switch_every = _resolve_switch_every(model, switch_every, total_steps, partitioner_options)
+        if expansion is not None:  # checked before anything changes: a refused expansion leaves the model alone
+            check_expansion(expansion_scale, True, expansion, 0, data_parallel)
         super().__init__(
             model,
             lr=lr,
             switch_every=switch_every,
             partitioner="layer",
-            partitioner_options={"include_embedding": include_embedding, "include_head": include_head,
-                                 "max_block_params": max_block_params},
+            partitioner_options=partitioner_options,
             order=order,
             order_options=order_options,
             solver="adamw",
@@ -136,3 +179,5 @@ class BAdam(BlockCoordinateOptimizer):
             no_decay=no_decay,
             data_parallel=data_parallel,
         )
+        #: The landscape expansion asked for with ``expansion=``, or None.
+        self.expansion = landscape_expansion(self, expansion_scale, reach=expansion) if expansion is not None else None

@@ -149,24 +149,34 @@ def landscape_expansion(optimizer: BlockCoordinateOptimizer, scale: float, *, si
     """
     if not isinstance(optimizer, BlockCoordinateOptimizer):
         raise ValueError(f"Invalid optimizer: {type(optimizer).__name__}; accepted: a bcd.BlockCoordinateOptimizer.")
-    if not is_number(scale) or scale <= 0:
-        raise ValueError(f"Invalid scale: {scale!r}; accepted: a finite number > 0.")
-    flag("sign", sign)
-    if reach not in REACHES:
-        raise ValueError(f"Invalid reach: {reach!r}; accepted: {' or '.join(map(repr, REACHES))}.")
+    check_expansion(scale, sign, reach, seed, optimizer.data_parallel or optimizer.composition.awaiting_wrapper)
     if optimizer.closed:
         raise ValueError("Invalid optimizer: it is closed; accepted: the optimizer that drives the model now.")
     if optimizer in _LIVE:
         raise ValueError("Invalid optimizer: it has a landscape expansion already; accepted: an optimizer without "
                          "one (call remove() on the first to replace it).")
-    if optimizer.data_parallel or optimizer.composition.awaiting_wrapper or distributed.world_size() > 1:
-        raise ValueError(
-            f"Invalid optimizer for landscape expansion: it runs on {distributed.world_size()} ranks "
-            f"(data_parallel={optimizer.data_parallel}); accepted: one process, where each expansion step "
-            "needs no averaged gradient.")
     for name, param in optimizer.composition.candidates.items():
         if distributed.sharded(param):
             raise ValueError(
                 f"Invalid parameter for landscape expansion: {name} is sharded; accepted: whole tensors on one "
                 "process, which the expansion steps in place.")
-    return LandscapeExpansion(optimizer, scale, sign, reach, integer("seed", seed))
+    return LandscapeExpansion(optimizer, scale, sign, reach, seed)
+
+
+def check_expansion(scale: float, sign: bool, reach: str, seed: int, several_ranks: bool) -> None:
+    """The checks of :func:`landscape_expansion` that need no optimizer (``bcd.BAdam`` runs them before building one).
+
+    Raises:
+        ValueError: a wrong ``scale``, ``sign``, ``reach`` or ``seed``, or several ranks.
+    """
+    if not is_number(scale) or scale <= 0:
+        raise ValueError(f"Invalid scale: {scale!r}; accepted: a finite number > 0.")
+    flag("sign", sign)
+    if reach not in REACHES:
+        raise ValueError(f"Invalid reach: {reach!r}; accepted: {' or '.join(map(repr, REACHES))}.")
+    integer("seed", seed)
+    if several_ranks or distributed.world_size() > 1:
+        raise ValueError(
+            f"Invalid optimizer for landscape expansion: it runs on {distributed.world_size()} ranks "
+            f"(data_parallel={several_ranks}); accepted: one process, where each expansion step "
+            "needs no averaged gradient.")

@@ -56,3 +56,37 @@ def test_a_misspelt_keyword_names_badams_own_and_adamws():
     with pytest.raises(ValueError, match=r"Unknown keyword\(s\) \['swich_every'\] for bcd.BAdam \(did you mean 'switch_every'\?\); "
                                          r"accepted: BAdam's own \(lr, switch_every, .*\) or torch.optim.AdamW's \(amsgrad"):
         bcd.BAdam(tiny_llama(layers=2), swich_every=3)
+
+
+def test_switch_every_auto_makes_three_block_epochs_over_the_run():
+    model = tiny_llama(layers=2)  # D = 4: embedding, 2 layers, head
+    assert bcd.BAdam(model, switch_every="auto", total_steps=192).switch_every == 16
+    assert bcd.BAdam(model, switch_every="auto", total_steps=5).switch_every == 1
+    assert bcd.BAdam(model, switch_every="auto", total_steps=192, include_embedding=False).switch_every == 21
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"switch_every": "auto"}, r"switch_every: 'auto' needs the run length; accepted: switch_every='auto' with total_steps"),
+    ({"switch_every": "auto", "total_steps": 0}, r"Invalid total_steps: 0; accepted: an integer >= 1"),
+    ({"expansion": "before"}, r"Invalid reach: 'before'; accepted: 'after' or 'all'"),
+    ({"expansion": "all", "expansion_scale": -1}, r"Invalid scale: -1"),
+    ({"expansion": "all", "data_parallel": True}, r"accepted: one process"),
+])
+def test_refused_recipe_options_change_nothing(kwargs, match):
+    model = tiny_llama(layers=2)
+    with pytest.raises(ValueError, match=match):
+        bcd.BAdam(model, **kwargs)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_the_expansion_as_an_option_and_every_parameter_trained_within_one_block_epoch():
+    """BAdam's defaults train every parameter (embedding and head included) within one block-epoch; with
+    expansion="all" every parameter moves at every step."""
+    case = CASES["llama"]
+    for expansion, steps in ((None, None), ("all", 1)):
+        model = case.model()
+        optimizer = bcd.BAdam(model, lr=1e-2, switch_every=1, expansion=expansion)
+        assert (optimizer.expansion is None) == (expansion is None)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        train(model, optimizer, case, steps or len(optimizer.blocks))
+        assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters()), expansion

@@ -128,3 +128,10 @@ def test_a_run_shorter_than_one_block_epoch_is_warned_about(tmp_path):
     with pytest.warns(ShortRunWarning, match=r"5 steps are fewer than one block-epoch \(K x D = 3 x 4 = 12\): 2 of the 4 "
                                              r"blocks will never be trained. Accepted: switch_every <= 1"):
         trainer.train()
+
+
+def test_the_run_length_sets_k_when_none_is_given(tmp_path):
+    model = tiny_llama(layers=2)  # D = 4
+    assert badam_from_training_args(model, arguments(tmp_path, max_steps=120)).switch_every == 10  # 120 // (3 x 4)
+    assert badam_from_training_args(model, arguments(tmp_path, max_steps=120), switch_every=7).switch_every == 7
+    assert badam_from_training_args(model, arguments(tmp_path, max_steps=-1, num_train_epochs=1)).switch_every == 100

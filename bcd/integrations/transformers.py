@@ -46,7 +46,9 @@ def badam_from_training_args(model: nn.Module, args: TrainingArguments, **kwargs
 
     ``learning_rate``, ``weight_decay`` (biases and norm weights exempt, as the Trainer does),
     ``adam_beta1``/``adam_beta2`` and ``adam_epsilon`` come from ``args``; ``kwargs`` go to
-    :class:`bcd.BAdam` (``switch_every``, ``order``, ``seed``, ...) and win over ``args``.
+    :class:`bcd.BAdam` (``switch_every``, ``order``, ``seed``, ...) and win over ``args``. Without
+    a ``switch_every``, a run with ``max_steps`` gets ``switch_every="auto"`` over those steps
+    (about three block-epochs); a run by epochs keeps BAdam's default K.
 
     Raises:
         ValueError: ``args`` asks for FSDP (see the module docstring).
@@ -59,6 +61,9 @@ def badam_from_training_args(model: nn.Module, args: TrainingArguments, **kwargs
         "eps": args.adam_epsilon,
         "no_decay": True,
     }
+    if "switch_every" not in kwargs and args.max_steps > 0:
+        # The run's length is known: K for about three block-epochs over it (bcd.BAdam's "auto").
+        settings.update(switch_every="auto", total_steps=args.max_steps)
     settings.update(kwargs)
     return BAdam(model, **settings)
 
