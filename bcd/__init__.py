@@ -1,6 +1,9 @@
 """bcd: pluggable block-coordinate optimization for PyTorch, with BAdam as the reference composition."""
 
-from bcd import memory, plugins, testing
+import importlib
+from typing import Any
+
+from bcd import plugins
 from bcd.badam import BAdam
 from bcd.blocks import Block, Partition
 from bcd.contracts import Ordering, Partitioner
@@ -30,3 +33,12 @@ __all__ = [
     "testing",
 ]
 __version__ = "0.1.0"
+
+# Lab modules, loaded on first use: `import bcd` loads the library alone (torch, pluggy, attrs).
+_LAZY = ("memory", "testing")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return importlib.import_module(f"bcd.{name}")
+    raise AttributeError(f"module 'bcd' has no attribute {name!r}")

@@ -8,7 +8,6 @@ import os
 import sys
 from collections.abc import Sequence
 
-from bcd import commands
 
 NUMBER = {int: "an integer", float: "a finite number"}
 #: The largest count any flag takes: past it a figure overflows or a run would never end.
@@ -80,7 +79,13 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "(include_embedding=true include_head=true max_block_params=null)")
 
 
+#: What the command line needs beyond the library: the ``lab`` extra.
+LAB = ("rich", "transformers", "datasets", "accelerate", "matplotlib", "tensorboard", "tokenizers")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from bcd import commands
+
     parser = _Parser(
         prog="bcd",
         description="bcd: block-coordinate optimization for PyTorch (BAdam and friends).",
@@ -179,6 +184,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     try:
         args = build_parser().parse_args(argv)
+    except ModuleNotFoundError as error:
+        if error.name not in LAB:
+            raise
+        sys.stderr.write(f"bcd: error: the command line needs the lab extra ({error.name} is not installed); "
+                         "accepted: pip install 'bcd[lab]'\n")
+        return 2
     except SystemExit as exit:  # --help (0) or a refused flag (2, its line already written)
         return exit.code if isinstance(exit.code, int) else 2
     try:

@@ -12,6 +12,8 @@ users run it in bf16 (:func:`precision`). Writes ``results.json``, ``results.md`
 ``bcd-warmup``) and the SGD composition (``bcd-sgd``) are measured on ``bcd-layers``' partition, so
 each row differs from it in one thing; ``bcd-expansion`` is ``bcd-importance`` with
 :func:`bcd.landscape_expansion`, and ``bcd-expansion-all`` the same with ``reach="all"``.
+``bcd-defaults`` is what a user writes: ``bcd.BAdam(model, lr, switch_every="auto",
+total_steps=steps, expansion="all")``, every parameter trained (the embedding's row blocks too).
 
     python tools/bench_quality.py                      # the seven default methods (about 3 hours, 2 CPU cores)
     # the first table in docs/benchmarks.md (about 2 hours)
@@ -57,7 +59,7 @@ SWEEP = {
     "bcd-expansion-all": (1e-4, 2e-4, 3e-4),
 }
 # Methods measured when asked for by --methods, not by default.
-EXTRA = {"bcd-warmup": (2e-4, 4e-4), "bcd-sgd": (1e-2, 3e-2, 1e-1)}
+EXTRA = {"bcd-warmup": (2e-4, 4e-4), "bcd-sgd": (1e-2, 3e-2, 1e-1), "bcd-defaults": (1e-4, 2e-4)}
 RATES = {**SWEEP, **EXTRA}
 # The methods with bcd.landscape_expansion, and its reach.
 EXPANSIONS = {"bcd-expansion": "after", "bcd-expansion-all": "all"}
@@ -97,6 +99,11 @@ def optimizer_for(method: str, model, lr: float, seed: int, args: argparse.Names
     """The optimizer (and the model to train: LoRA wraps it) for ``method``."""
     if method == "adamw":
         return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01), None
+    if method == "bcd-defaults":  # what a user writes: BAdam's defaults (every parameter, random order), the run length, the expansion
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", bcd.PrecisionNote)
+            return model, bcd.BAdam(model, lr=lr, switch_every="auto", total_steps=args.steps, expansion="all",
+                                    weight_decay=0.01, no_decay=True, seed=seed), None
     if method.startswith("bcd"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", bcd.PrecisionNote)  # fp32 on purpose unless --dtype bf16
