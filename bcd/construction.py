@@ -9,8 +9,8 @@ is accepted, raised while the model is still untouched.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
-import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -105,7 +105,7 @@ class PrecisionNote(UserWarning):
 def caller_stacklevel() -> int:
     """The ``stacklevel`` that points a warning at the first frame outside bcd (e.g. BAdam's caller)."""
     package = os.path.dirname(__file__)
-    frame, level = sys._getframe(1), 1
+    frame, level = inspect.currentframe().f_back, 1
     while frame is not None and frame.f_code.co_filename.startswith(package):
         frame, level = frame.f_back, level + 1
     return level

@@ -147,6 +147,11 @@ class WrapperWait:
         """Whether the first forward has not happened yet."""
         return self._handle is not None
 
+    @property
+    def handle(self) -> RemovableHandle | None:
+        """The global forward pre-hook's handle while pending (for an owner that removes every hook it put in place)."""
+        return self._handle
+
     def start(self) -> None:
         """Adopt the wrapped model's parameters (idempotent); also called at the first step or state load."""
         if self._handle is None:

@@ -121,7 +121,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         #: Block switches so far (a revisit of the same block is none), kept across state dicts.
         self.switches = 0
         if previous is not None:
-            previous._close("a newer optimizer over the same model took over")
+            previous.close(reason="a newer optimizer over the same model took over")
         claim(plan.candidates.values(), self)
         # Closing, or collecting, the optimizer hands the candidates back trainable, as it found them.
         self._trainable = list(plan.candidates.values())
@@ -133,7 +133,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         if self._wait is None:
             self._block.freeze_all()
         else:
-            self._model_hooks.append(self._wait._handle)
+            self._model_hooks.append(self._wait.handle)
         warn_if_fp32(plan.candidates)
         self._activate(reason="start")
         # Checkpointing switched on later (the Trainer does) must not run backward through frozen blocks.
@@ -142,6 +142,8 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ public view
 
     _candidates = property(lambda self: self._block.candidates)
+    group_names = property(lambda self: tuple(tuple(names) for names in self._group_names),
+                           doc="The members of each of param_groups, by name (state dicts name parameters so).")
     candidates = property(lambda self: types.MappingProxyType(self._block.candidates), doc=(
         "Every parameter this optimizer may train, by qualified name (read-only): what required grad when the first "
         "optimizer over the model was built."))
@@ -176,7 +178,8 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ activation
 
-    def _make_partition(self, epoch: int) -> Partition:
+    def partition_for(self, epoch: int) -> Partition:
+        """The partition of block-epoch ``epoch`` (a dynamic partitioner's), checked; changes nothing."""
         partition = self.composition.partitioner.partition(self._model, self._candidates, epoch)
         return check_partition(partition, self.composition.partitioner_name, self._candidates, epoch, self.partition)
 
@@ -248,7 +251,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
     def _next_partition(self, schedule: BlockSchedule) -> Partition:
         """The partition ``schedule`` runs on: a dynamic partitioner's new one at a new block-epoch."""
         if self.composition.partitioner.dynamic and schedule.block_epoch != self.schedule.block_epoch:
-            return self._make_partition(schedule.block_epoch)
+            return self.partition_for(schedule.block_epoch)
         return self.partition
 
     def _advance(self, schedule: BlockSchedule, partition: Partition) -> None:
@@ -277,9 +280,13 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
             self._block.release()
             self._let_go()  # hooks removed, candidates trainable again; once, not again when collected
 
-    def close(self) -> None:
-        """Remove every hook this optimizer installed and make the candidates trainable again. Idempotent."""
-        self._close("close() was called")
+    def close(self, reason: str = "close() was called") -> None:
+        """Remove every hook this optimizer installed and make the candidates trainable again. Idempotent.
+
+        Args:
+            reason: what a later ``step()`` names as the reason it refuses.
+        """
+        self._close(reason)
 
     def __enter__(self) -> BlockCoordinateOptimizer:
         return self

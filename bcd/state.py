@@ -11,7 +11,7 @@ are all checked first, so a refused dict leaves model and optimizer bit-identica
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import attrs
 import torch
@@ -22,8 +22,24 @@ from bcd.groups import check_hyperparameters
 from bcd.precision import needs_master
 from bcd.schedule import BlockSchedule
 
-if TYPE_CHECKING:
-    from bcd.optimizer import BlockCoordinateOptimizer
+
+
+class Optimizing(Protocol):
+    """What saving and checking read of an optimizer: its public, read-only view (no import of bcd.optimizer)."""
+
+    composition: Any
+    partition: Partition
+    schedule: BlockSchedule
+    switches: int
+    defaults: dict[str, Any]
+    param_groups: list[dict[str, Any]]
+    switch_every: int
+    candidates: Mapping[str, torch.Tensor]
+    group_names: Sequence[Sequence[str]]
+    solver: torch.optim.Optimizer | None
+    master_copies: Any
+
+    def partition_for(self, epoch: int) -> Partition: ...
 
 STATE_FORMAT = "bcd.BlockCoordinateOptimizer/1"
 KEYS = ("switch_every", "partitioner", "ordering", "solver", "partition", "schedule", "param_groups",
@@ -151,12 +167,12 @@ def _check_state_entry(where: str, value: Any, shape: tuple[int, ...], per_eleme
               f"{'the shape of that parameter of the active block' if shape in accepted else 'a scalar'}.")
 
 
-def _check_solver_state(saved: Any, optimizer: BlockCoordinateOptimizer, groups: list[dict[str, Any]],
+def _check_solver_state(saved: Any, optimizer: Optimizing, groups: list[dict[str, Any]],
                         block_names: Sequence[str]) -> dict[str, Any]:
     if not isinstance(saved, Mapping) or not isinstance(saved.get("state"), Mapping) or "param_groups" not in saved:
         _fail(f"solver_state is {type(saved).__name__} without 'state' and 'param_groups'; accepted: a solver state_dict().")
-    meta = {n: torch.empty(entry_shape(n, optimizer._candidates), device="meta") for n in block_names}
-    probe_groups, _ = solver_groups(groups, optimizer._group_names, meta)
+    meta = {n: torch.empty(entry_shape(n, optimizer.candidates), device="meta") for n in block_names}
+    probe_groups, _ = solver_groups(groups, optimizer.group_names, meta)
     params = [p for g in probe_groups for p in g["params"]]
     layouts = [_layout(optimizer.composition.solver_factory, optimizer.composition.solver_options, g)
                for g in probe_groups for _ in g["params"]]
@@ -194,7 +210,7 @@ def _detached(value: Any) -> Any:
     return value
 
 
-def save(optimizer: BlockCoordinateOptimizer) -> dict[str, Any]:
+def save(optimizer: Optimizing) -> dict[str, Any]:
     """The state dict of ``optimizer``: plain data and tensors, parameters by qualified name."""
     return {
         "format": STATE_FORMAT,
@@ -209,7 +225,7 @@ def save(optimizer: BlockCoordinateOptimizer) -> dict[str, Any]:
         "switches": optimizer.switches,
         "param_groups": [
             {**{k: v for k, v in group.items() if k != "params"}, "params": [canonical(n) for n in names]}
-            for group, names in zip(optimizer.param_groups, optimizer._group_names)
+            for group, names in zip(optimizer.param_groups, optimizer.group_names)
         ],
         # None and {} before the visit's first step: nothing to restore but the position. Copies:
         # the solver state and masters live in buffers that the next visit (or a load) reuses.
@@ -219,7 +235,7 @@ def save(optimizer: BlockCoordinateOptimizer) -> dict[str, Any]:
     }
 
 
-def check(saved: Any, optimizer: BlockCoordinateOptimizer) -> Restore:
+def check(saved: Any, optimizer: Optimizing) -> Restore:
     """Check ``saved`` completely against ``optimizer``; return what loading it restores.
 
     Raises:
@@ -237,7 +253,7 @@ def check(saved: Any, optimizer: BlockCoordinateOptimizer) -> Restore:
             _fail(f"saved with {key}={saved[key]!r}, this optimizer has {mine!r}.")
     epoch = saved["schedule"].get("block_epoch") if isinstance(saved["schedule"], Mapping) else None
     if optimizer.composition.partitioner.dynamic and isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0:
-        partition = optimizer._make_partition(epoch)
+        partition = optimizer.partition_for(epoch)
     else:  # a bad epoch is refused by the schedule below
         partition = optimizer.partition
     fingerprint = saved["partition"]
@@ -255,10 +271,10 @@ def check(saved: Any, optimizer: BlockCoordinateOptimizer) -> Restore:
     schedule = attrs.evolve(optimizer.schedule, num_blocks=len(partition)).load(saved["schedule"])
     groups = saved["param_groups"]
     if (not isinstance(groups, list) or not all(isinstance(g, Mapping) and "params" in g for g in groups)
-            or [_canonical_lists(list(g["params"])) for g in groups] != _canonical_lists(optimizer._group_names)):
+            or [_canonical_lists(list(g["params"])) for g in groups] != _canonical_lists(optimizer.group_names)):
         count = len(groups) if isinstance(groups, list) else type(groups).__name__
         _fail(
-            f"{count} parameter group(s) with other members than this optimizer's {len(optimizer._group_names)}; "
+            f"{count} parameter group(s) with other members than this optimizer's {len(optimizer.group_names)}; "
             "build the optimizer with the same groups/no_decay."
         )
     hyper = []
@@ -271,8 +287,8 @@ def check(saved: Any, optimizer: BlockCoordinateOptimizer) -> Restore:
     solver_state, masters = saved["solver_state"], {}
     if solver_state is not None:
         solver_state = _check_solver_state(solver_state, optimizer, groups, block.param_names)
-        expected = {n: entry_shape(n, optimizer._candidates) for n in block.param_names
-                    if needs_master(optimizer._candidates[parse_entry(n)[0]])}
+        expected = {n: entry_shape(n, optimizer.candidates) for n in block.param_names
+                    if needs_master(optimizer.candidates[parse_entry(n)[0]])}
         own = {canonical(n): n for n in expected}
         keyed = saved["master_copies"]
         if isinstance(keyed, Mapping):  # saved under another wrapper: keyed by this model's names
