@@ -48,3 +48,13 @@ def test_bcd_trains_and_the_cli_says_what_to_install_without_the_lab_packages():
     assert result.stdout.strip() == "trained 3 blocks"
     assert result.stderr.strip().endswith("the command line needs the lab extra (rich is not installed); "
                                           "accepted: pip install 'bcd[lab]'")
+
+
+def test_the_gpu_check_says_it_skips_without_cuda():
+    import torch
+
+    if torch.cuda.is_available():
+        return  # on a GPU it runs the checks: tools/gpu_check.py by hand
+    result = subprocess.run([sys.executable, "tools/gpu_check.py"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0 and result.stdout.strip() == (
+        "gpu_check: no CUDA device here (torch.cuda.is_available() is False): nothing to check, skipped.")

@@ -151,6 +151,11 @@ def main() -> None:
     print_table(f"{args.shape}, bf16, batch {args.batch} x {args.seq}, K = 1, {args.device}", header, rows)
     print(f"bcd memory predicts {estimate['total'] / GIB:.2f} GiB without activations (D = {estimate['blocks']}, "
           f"largest block {estimate['largest']}; the paper's 2M + 16M/D: {estimate['paper'] / GIB:.2f} GiB)")
+    for r in results:
+        if "cuda_max_allocated" in r:  # the device's own figures beside the estimate
+            print(f"{r['method']} on CUDA: max allocated {r['cuda_max_allocated'] / GIB:.2f} GiB, max reserved "
+                  f"{r['cuda_max_reserved'] / GIB:.2f} GiB; estimate / allocated "
+                  f"{estimate['total'] / r['cuda_max_allocated']:.3f}")
     by = {r["method"]: r for r in results}
     if {"bcd", "badam"} <= set(by):
         print(f"bcd / reference: peak RSS {by['bcd']['peak_rss'] / by['badam']['peak_rss']:.3f} "
