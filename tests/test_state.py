@@ -255,3 +255,32 @@ def test_a_state_dict_saved_under_a_wrapper_loads_into_the_bare_model_and_back(s
     other_optimizer.load_state_dict(saved)
     assert train(other, other_optimizer, case, 2 * K, start=K + 1) == expected
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), other.parameters()))
+
+
+def test_a_state_dict_saved_under_real_ddp_loads_into_the_bare_model(tmp_path):
+    """DDP on one gloo process names every parameter module.*: the dict still loads into the bare model."""
+    import torch.distributed as dist
+
+    from bcd.testing import free_port
+
+    case = CASES["llama"]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        model = case.model(dtype=torch.bfloat16)
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        optimizer = bcd.BlockCoordinateOptimizer(wrapped, lr=1e-2, switch_every=K, order="random",
+                                                 order_options={"seed": SEED})
+        for step in range(K + 1):  # mid-visit
+            case.loss(wrapped, step).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        saved, weights = optimizer.state_dict(), copy.deepcopy(model.state_dict())
+        optimizer.close()
+    finally:
+        dist.destroy_process_group()
+    assert all("module." not in entry for block in saved["partition"] for entry in block)
+    bare = case.model(dtype=torch.bfloat16)
+    bare.load_state_dict(weights)
+    bare_optimizer = bcd.BlockCoordinateOptimizer(bare, lr=1e-2, switch_every=K, order="random", order_options={"seed": SEED})
+    bare_optimizer.load_state_dict(saved)
+    assert bare_optimizer.step_in_block == 1 and bare_optimizer.solver is not None
