@@ -158,7 +158,8 @@ def check_partition(partition: Any, name: str, candidates: Mapping[str, nn.Param
 
 
 def resolve_partition(model: nn.Module, partitioner: Any = "layer", options: Mapping[str, Any] | None = None,
-                      candidates: Mapping[str, nn.Parameter] | None = None) -> tuple[Any, str, Partition]:
+                      candidates: Mapping[str, nn.Parameter] | None = None,
+                      max_block_params: int | None = None) -> tuple[Any, str, Partition]:
     """A partitioner (a registered name with options, or an object) and its checked block-epoch-0 partition.
 
     The one way a name becomes a partition: the optimizer, ``bcd.memory.estimate`` and the
@@ -169,6 +170,8 @@ def resolve_partition(model: nn.Module, partitioner: Any = "layer", options: Map
         partitioner: a registered name or a partitioner object.
         options: options for a partitioner given by name.
         candidates: the parameters to split; default :func:`candidates_of` the model.
+        max_block_params: split every block larger than this many elements by rows, whatever the
+            partitioner (a third party's need not know about row blocks); None: as it partitions.
 
     Returns:
         ``(partitioner object, its recorded name, partition)``.
@@ -178,8 +181,24 @@ def resolve_partition(model: nn.Module, partitioner: Any = "layer", options: Map
             (unknown names, row ranges that do not tile their tensor, row blocks of sharded tensors).
     """
     candidates = dict(candidates) if candidates is not None else candidates_of(model)
+    if max_block_params is not None:
+        positive_int("max_block_params", max_block_params)
     obj, name = contracts.resolve("partitioner", partitioner, options)
-    return obj, name, check_partition(obj.partition(model, candidates, 0), name, candidates, 0)
+    return obj, name, partition_of(obj, name, model, candidates, 0, max_block_params)
+
+
+def partition_of(partitioner: Any, name: str, model: nn.Module, candidates: Mapping[str, nn.Parameter], epoch: int,
+                 max_block_params: int | None, first: Partition | None = None) -> Partition:
+    """``partitioner``'s partition of block-epoch ``epoch``, limited to ``max_block_params`` and checked.
+
+    The limit is a composition step around any partitioner (optax's ``chain`` in spirit): the
+    partitioner says which parameters go together, :meth:`bcd.Partition.limit` splits what is too
+    large by rows.
+    """
+    partition = partitioner.partition(model, candidates, epoch)
+    if max_block_params is not None and isinstance(partition, Partition):
+        partition = partition.limit(candidates, max_block_params)
+    return check_partition(partition, name, candidates, epoch, first)
 
 
 @attrs.frozen(kw_only=True)
@@ -198,6 +217,7 @@ class Composition:
     defaults: dict[str, Any]
     groups: list[tuple[dict[str, Any], list[str]]]
     awaiting_wrapper: bool
+    max_block_params: int | None = None
 
 
 def _options(label: str, value: Any) -> dict[str, Any]:
@@ -249,7 +269,7 @@ def _refuse_sparse(model: nn.Module, candidates: Mapping[str, nn.Parameter]) -> 
 
 def compose(model: Any, *, lr: Any, switch_every: Any, partitioner: Any,
             partitioner_options: Any, order: Any, order_options: Any, solver: Any, solver_options: Any,
-            no_decay: Any, groups: Any, data_parallel: Any) -> Composition:
+            no_decay: Any, groups: Any, data_parallel: Any, max_block_params: Any = None) -> Composition:
     """Check and resolve the constructor's arguments; see :class:`bcd.BlockCoordinateOptimizer`.
 
     Raises:
@@ -272,7 +292,8 @@ def compose(model: Any, *, lr: Any, switch_every: Any, partitioner: Any,
     _refuse_sparse(model, candidates)
     _refuse_complex(candidates)
 
-    partitioner_obj, partitioner_name, partition = resolve_partition(model, partitioner, partitioner_options, candidates)
+    partitioner_obj, partitioner_name, partition = resolve_partition(model, partitioner, partitioner_options, candidates,
+                                                                     max_block_params)
     order_options = _options("order_options", order_options)
     if isinstance(order_options.get("start_block"), str):
         order_options["start_block"] = partition.index(order_options["start_block"])
@@ -306,5 +327,5 @@ def compose(model: Any, *, lr: Any, switch_every: Any, partitioner: Any,
         candidates=candidates, partitioner=partitioner_obj, partitioner_name=partitioner_name, partition=partition,
         ordering_name=ordering_name, schedule=schedule, solver_factory=factory, solver_name=solver_name,
         solver_options=solver_options, defaults=defaults, groups=built_groups,
-        awaiting_wrapper=distributed.expects_wrapper(model, data_parallel),
+        awaiting_wrapper=distributed.expects_wrapper(model, data_parallel), max_block_params=max_block_params,
     )

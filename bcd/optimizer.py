@@ -34,7 +34,7 @@ from bcd.activation import ActiveBlock, plan_buffers, remove_all
 from bcd.buffers import Buffers
 from bcd.blocks import Block, Partition
 from bcd.construction import (Composition, PrecisionNote, check_partition, check_unreplaced, claim, compose, owner_of,
-                              refuse_copy, warn_if_fp32)
+                              partition_of, refuse_copy, warn_if_fp32)
 from bcd.events import BlockSwitch
 from bcd.schedule import BlockSchedule
 from bcd.groups import check_hyperparameters, copy_hyperparameters
@@ -77,6 +77,8 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         groups: torch-style group dicts with ``"params"`` (parameters or names) and hyperparameter
             overrides; candidates in no group form the first, default group.
         data_parallel: average the active block's gradients across ranks (:mod:`bcd.distributed`).
+        max_block_params: split any partitioner's blocks larger than this many elements by rows
+            (``Partition.limit``), so a plugin partitioner gets row blocks without knowing of them.
 
     Raises:
         ValueError: any invalid argument, naming the value received and what is accepted.
@@ -97,6 +99,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         no_decay: bool = False,
         groups: Sequence[Mapping[str, Any]] | None = None,
         data_parallel: bool = False,
+        max_block_params: int | None = None,
     ) -> None:
         # Everything is checked before anything changes: a refused call leaves the model as it was.
         previous = owner_of(model)
@@ -104,7 +107,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
             model, lr=lr, switch_every=switch_every,
             partitioner=partitioner, partitioner_options=partitioner_options, order=order,
             order_options=order_options, solver=solver, solver_options=solver_options, no_decay=no_decay,
-            groups=groups, data_parallel=data_parallel,
+            groups=groups, data_parallel=data_parallel, max_block_params=max_block_params,
         )
         super().__init__([{**hyper, "params": [plan.candidates[n] for n in names]} for hyper, names in plan.groups],
                          plan.defaults)
@@ -180,8 +183,8 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
 
     def partition_for(self, epoch: int) -> Partition:
         """The partition of block-epoch ``epoch`` (a dynamic partitioner's), checked; changes nothing."""
-        partition = self.composition.partitioner.partition(self._model, self._candidates, epoch)
-        return check_partition(partition, self.composition.partitioner_name, self._candidates, epoch, self.partition)
+        return partition_of(self.composition.partitioner, self.composition.partitioner_name, self._model,
+                            self._candidates, epoch, self.composition.max_block_params, self.partition)
 
     def _adopt(self, current: dict[str, nn.Parameter]) -> None:
         """The wrapper is in place: re-read the parameters by name, freeze all but the active block."""

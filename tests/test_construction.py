@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 import bcd
+from bcd.blocks import entry_numel
 
-from conftest import MLP
+from conftest import CASES, MLP, train
 
 
 class SparseModel(nn.Module):
@@ -102,3 +103,27 @@ def test_fused_kernels_by_default_and_the_users_choice_wins():
     assert "fused" not in bcd.BAdam(MLP(), foreach=True).composition.solver_options
     assert bcd.BAdam(MLP(), fused=False).composition.solver_options["fused"] is False
     assert "fused" not in bcd.BlockCoordinateOptimizer(MLP(), solver="sgd").composition.solver_options
+
+
+class _TwoHalves:
+    """A third party's partitioner that knows nothing of row blocks or limits."""
+
+    dynamic = False
+
+    def partition(self, model, params, epoch):
+        names = list(params)
+        return bcd.Partition.from_groups({"lower": names[: len(names) // 2], "upper": names[len(names) // 2:]})
+
+
+def test_any_partitioner_gets_row_blocks_through_the_composition():
+    model = MLP(width=32)
+    params = dict(model.named_parameters())
+    optimizer = bcd.BlockCoordinateOptimizer(model, lr=0.1, partitioner=_TwoHalves(), max_block_params=600, switch_every=1)
+    sizes = [sum(entry_numel(e, params) for e in block.param_names) for block in optimizer.blocks]
+    assert max(sizes) <= 600 < sum(sizes) and any("[" in e for e in optimizer.blocks.param_names)  # a tensor split by rows
+    assert optimizer.blocks[0].name == "lower/0"
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, optimizer, CASES["mlp"], len(optimizer.blocks))
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    with pytest.raises(ValueError, match=r"Invalid max_block_params: 0; accepted: an integer >= 1"):
+        bcd.BlockCoordinateOptimizer(MLP(), lr=0.1, partitioner=_TwoHalves(), max_block_params=0)
