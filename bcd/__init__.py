@@ -6,7 +6,7 @@ from typing import Any
 from bcd import plugins
 from bcd.badam import BAdam
 from bcd.blocks import Block, Partition
-from bcd.contracts import Ordering, Partitioner
+from bcd.contracts import ObservingOrdering, Ordering, Partitioner
 from bcd.events import BlockSwitch
 from bcd.expansion import LandscapeExpansion, landscape_expansion
 from bcd.hookspecs import hookimpl
@@ -21,6 +21,7 @@ __all__ = [
     "BlockSchedule",
     "BlockSwitch",
     "LandscapeExpansion",
+    "ObservingOrdering",
     "Ordering",
     "Partition",
     "Partitioner",

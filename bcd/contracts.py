@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import attrs
 import torch
@@ -40,14 +40,25 @@ class Partitioner(Protocol):
 
 @runtime_checkable
 class Ordering(Protocol):
-    """Orders the visits of a block-epoch.
-
-    An ordering whose class sets ``observes = True`` is called ``order(num_blocks, epoch, observed)``
-    instead, with a :class:`bcd.observe.Observations` (see that module).
-    """
+    """Orders the visits of a block-epoch (an :class:`ObservingOrdering` is the other kind)."""
 
     def order(self, num_blocks: int, epoch: int) -> Sequence[int]:
         """The block indices to visit in block-epoch ``epoch``: a pure function of the options and arguments."""
+
+
+@runtime_checkable
+class ObservingOrdering(Protocol):
+    """An ordering that adapts to what the optimizer saw: its class sets ``observes = True``.
+
+    bcd then measures the active block's gradient norm at every step and calls ``order`` with the
+    observations (:class:`bcd.observe.Observations`), which the schedule carries in its state
+    dict, so the order stays a pure function of options, arguments and ``observed``.
+    """
+
+    observes: ClassVar[bool]
+
+    def order(self, num_blocks: int, epoch: int, observed: Any) -> Sequence[int]:
+        """The block indices to visit in block-epoch ``epoch``, given the observations so far."""
 
 
 SolverFactory = Callable[..., torch.optim.Optimizer]
