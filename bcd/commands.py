@@ -27,14 +27,6 @@ def _options(pairs: Sequence[str] | None, flag: str) -> dict:
     return options
 
 
-def count(number: int) -> str:
-    """A parameter count as people say it: 7.24B, 22.7M, 46.2K, 512."""
-    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if number >= scale:
-            return f"{number / scale:.3g}{unit}"
-    return str(number)
-
-
 def run_memory(args: argparse.Namespace) -> int:
     from bcd import memory
     from bcd.presets import build_model, load_config, parse_dtype

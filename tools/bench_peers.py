@@ -187,8 +187,8 @@ def run_child(method: str, size: str, args, result: Path, cap: int | None = None
         time.sleep(0.2)
         if cap is not None:
             try:
-                rss = int(next(l for l in Path(f"/proc/{process.pid}/status").read_text().splitlines()
-                               if l.startswith("VmRSS:")).split()[1]) * 1024
+                rss = int(next(line for line in Path(f"/proc/{process.pid}/status").read_text().splitlines()
+                               if line.startswith("VmRSS:")).split()[1]) * 1024
             except (OSError, StopIteration):
                 continue
             if rss > cap:  # enforce the cap: past it the method does not fit
