@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 
@@ -42,3 +43,32 @@ def flag(label: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"Invalid {label}: {value!r}; accepted: True or False.")
     return value
+
+
+def fraction(label: str, value: Any) -> float:
+    """``value`` if it is a number from 0 to 1 (``bool`` is not accepted).
+
+    Raises:
+        ValueError: naming ``label``, the value received and what is accepted.
+    """
+    if not is_number(value) or not 0 <= value <= 1:
+        raise ValueError(f"Invalid {label}: {value!r}; accepted: a number from 0 to 1.")
+    return value
+
+
+def optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+    """``check``, letting None through (an option whose default means "not set")."""
+
+    def checked(label: str, value: Any) -> Any:
+        return value if value is None else check(label, value)
+
+    return checked
+
+
+def validator(check: Callable[[str, Any], Any]) -> Callable[[Any, Any, Any], None]:
+    """``check`` as an attrs validator, labelled with the field's name: the plugin classes' options use these."""
+
+    def validate(instance: Any, attribute: Any, value: Any) -> None:
+        check(attribute.name, value)
+
+    return validate

@@ -16,7 +16,7 @@ from typing import ClassVar
 import attrs
 import torch
 
-from bcd.checks import integer
+from bcd.checks import fraction, integer, validator
 from bcd.hookspecs import hookimpl
 
 
@@ -26,8 +26,7 @@ def _int_or_none(instance, attribute, value) -> None:
                          (" (a block index) or a block name." if attribute.name == "start_block" else "."))
 
 
-def _int(instance, attribute, value) -> None:
-    integer(attribute.name, value)
+_int = validator(integer)
 
 
 def _check_start(start_block: int, num_blocks: int) -> None:
@@ -99,9 +98,7 @@ class Fixed:
         return [self.start_block]
 
 
-def _fraction(instance, attribute, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise ValueError(f"Invalid {attribute.name}: {value!r}; accepted: a number from 0 to 1.")
+_fraction = validator(fraction)
 
 
 @attrs.frozen(kw_only=True)

@@ -21,22 +21,12 @@ import torch
 from torch import nn
 
 from bcd.blocks import Block, Partition, block_numel, parse_entry
-from bcd.checks import flag, integer, positive_int
+from bcd.checks import flag, integer, optional, positive_int, validator
 from bcd.hookspecs import hookimpl
 from bcd.layers import find_layer_stacks
 
 
-def _flag(instance, attribute, value) -> None:
-    flag(attribute.name, value)
-
-
-def _int(instance, attribute, value) -> None:
-    integer(attribute.name, value)
-
-
-def _limit(instance, attribute, value) -> None:
-    if value is not None:
-        positive_int(attribute.name, value)
+_flag, _int, _limit = validator(flag), validator(integer), validator(optional(positive_int))
 
 
 def _limited(partition: Partition, params: Mapping[str, nn.Parameter], limit: int | None) -> Partition:
