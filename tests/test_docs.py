@@ -23,6 +23,7 @@ def test_every_hook_is_documented():
 
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
-    command = 'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest'
+    command = 'pip install torch==2.13.0 && pip install -e ".[test]" && ruff check && python -m pytest'
     assert command in readme
-    assert "pip install --quiet torch==2.13.0 && python -m pip install --quiet -e \".[test]\" && python -m pytest" in (ROOT / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert 'pip install --quiet torch==2.13.0 && python -m pip install --quiet -e ".[test]" && ruff check && python -m pytest' in ci
