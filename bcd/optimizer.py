@@ -36,9 +36,9 @@ from bcd.blocks import Block, Partition
 from bcd.construction import (Composition, PrecisionNote, check_partition, check_unreplaced, claim, compose, owner_of,
                               partition_of, refuse_copy, warn_if_fp32)
 from bcd.events import BlockSwitch
-from bcd.schedule import BlockSchedule
 from bcd.groups import check_hyperparameters, copy_hyperparameters
 from bcd.observe import gradient_norm, observes
+from bcd.schedule import BlockSchedule
 
 STATE_FORMAT = state.STATE_FORMAT
 __all__ = ["BlockCoordinateOptimizer", "PrecisionNote", "STATE_FORMAT"]
@@ -275,21 +275,18 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
                 "drives the model now, or build a new one (load this one's state_dict() into it to continue)."
             )
 
-    def _close(self, why: str) -> None:
-        if self._closed is None:
-            self._closed = why
-            if self._wait is not None:
-                self._wait.close()
-            self._block.release()
-            self._let_go()  # hooks removed, candidates trainable again; once, not again when collected
-
     def close(self, reason: str = "close() was called") -> None:
         """Remove every hook this optimizer installed and make the candidates trainable again. Idempotent.
 
         Args:
             reason: what a later ``step()`` names as the reason it refuses.
         """
-        self._close(reason)
+        if self._closed is None:
+            self._closed = reason
+            if self._wait is not None:
+                self._wait.close()
+            self._block.release()
+            self._let_go()  # hooks removed, candidates trainable again; once, not again when collected
 
     def __enter__(self) -> BlockCoordinateOptimizer:
         return self

@@ -174,8 +174,10 @@ def _check_solver_state(saved: Any, optimizer: Optimizing, groups: list[dict[str
     meta = {n: torch.empty(entry_shape(n, optimizer.candidates), device="meta") for n in block_names}
     probe_groups, _ = solver_groups(groups, optimizer.group_names, meta)
     params = [p for g in probe_groups for p in g["params"]]
-    layouts = [_layout(optimizer.composition.solver_factory, optimizer.composition.solver_options, g)
-               for g in probe_groups for _ in g["params"]]
+    # One throwaway step per group (its values may change the layout, e.g. amsgrad), shared by its tensors.
+    layouts = [layout for g in probe_groups
+               for layout in [_layout(optimizer.composition.solver_factory, optimizer.composition.solver_options, g)]
+               for _ in g["params"]]
     for key, entry in saved["state"].items():
         if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < len(params) or not isinstance(entry, Mapping):
             _fail(f"solver_state['state'] has entry {key!r}; accepted: parameter indices 0 ... {len(params) - 1} with dicts.")
