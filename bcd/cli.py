@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--batch", type=_at_least(int, 1), help="batch size, for the activation estimate")
     mem.add_argument("--seq", type=_at_least(int, 1), help="sequence length, for the activation estimate")
     mem.add_argument("--checkpointing", action="store_true", help="estimate activations with gradient checkpointing")
-    mem.add_argument("--budget", help="a memory budget, e.g. 24GiB or 80GB: prints which methods fit")
+    mem.add_argument("--budget", help="a memory budget with its unit, e.g. 24GiB or 80GB (a bare number is refused): prints which methods fit")
     mem.add_argument("--world-size", type=_at_least(int, 1), default=1,
                      help="ranks sharding the model with FSDP2: figures per rank (default 1)")
     mem.add_argument("--json", action="store_true", help="print JSON instead of a table")
