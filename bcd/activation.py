@@ -21,29 +21,9 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from bcd import distributed
-from bcd.blocks import Block, Partition, entry_numel, parse_entry
+from bcd.blocks import Block, parse_entry
 from bcd.buffers import Buffers, prefill, rehome
-from bcd.precision import GRADIENT_CHUNK, MasterCopies, needs_master
-
-
-def plan_buffers(partition: Partition, candidates: Mapping[str, nn.Parameter]) -> dict[tuple[str, torch.device], int]:
-    """fp32 elements per ``(kind, device)`` for the partition's largest block: what :class:`Buffers` allocates once."""
-    planned: dict[tuple[str, torch.device], int] = {}
-    for block in partition:
-        need: dict[tuple[str, torch.device], int] = {}
-        for entry in block.param_names:
-            param = candidates[parse_entry(entry)[0]]
-            numel = entry_numel(entry, candidates)
-            if distributed.sharded(param):
-                continue
-            need[("moments", param.device)] = need.get(("moments", param.device), 0) + 2 * numel
-            if needs_master(param):
-                need[("masters", param.device)] = need.get(("masters", param.device), 0) + numel
-                # Adam and AdamW cast large gradients in chunks; another solver grows the buffer on demand.
-                need[("gradient", param.device)] = max(need.get(("gradient", param.device), 0), min(numel, GRADIENT_CHUNK))
-        for key, numel in need.items():
-            planned[key] = max(planned.get(key, 0), numel)
-    return planned
+from bcd.precision import MasterCopies
 
 
 def _zero_other_rows(spans: list[tuple[int, int]]) -> Callable[[torch.Tensor], None]:

@@ -14,13 +14,11 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
+from bcd.cost import PREFILLED, solver_layout
 from bcd.distributed import sharded
 
 #: The kinds of buffer, and the :func:`bcd.measure.measure` category each one counts in.
 KINDS = {"masters": "master_copies", "gradient": "gradients", "moments": "solver_state"}
-# Solvers whose state bcd may create in its own buffers: every per-element entry starts at zero
-# (Adam's m, v and AMSGrad's max v) and the step count is a scalar that starts at zero.
-PREFILLED = (torch.optim.Adam, torch.optim.AdamW)
 
 
 class Buffers:
@@ -63,21 +61,6 @@ def views(flat: torch.Tensor, shapes: Sequence[torch.Size]) -> list[torch.Tensor
     return out
 
 
-def _template(solver: torch.optim.Optimizer, group: Mapping, device: torch.device) -> dict[str, torch.Tensor | None]:
-    """The state the solver creates for one tensor of ``group``: None marks a per-element entry.
-
-    Learnt from a throwaway solver of the same class and options stepped once with a zero
-    gradient (which leaves Adam's moments at zero); its step count is set back to zero.
-    """
-    probe_param = torch.zeros(1, device=device)
-    probe_param.grad = torch.zeros(1, device=device)
-    probe = type(solver)([probe_param])
-    probe.param_groups[0].update({k: v for k, v in group.items() if k != "params"})
-    probe.step()
-    return {key: None if value.ndim else torch.zeros_like(value)
-            for key, value in probe.state[probe_param].items()}
-
-
 def _owns_state(solver: torch.optim.Optimizer) -> bool:
     """Whether bcd keeps ``solver``'s state in its buffers: torch's Adam or AdamW over plain fp32 tensors.
 
@@ -94,28 +77,26 @@ def prefill(solver: torch.optim.Optimizer, buffers: Buffers) -> None:
     """
     if not _owns_state(solver):
         return
-    templates: dict[tuple[int, torch.device], dict[str, torch.Tensor | None]] = {}
+    # What the solver keeps per tensor, learnt once per group and device (bcd.cost.solver_layout).
+    layouts = {}
     totals: dict[torch.device, int] = {}
     for index, group in enumerate(solver.param_groups):
         for param in group["params"]:
             key = (index, param.device)
-            if key not in templates:
-                templates[key] = _template(solver, group, param.device)
-            per_element = sum(value is None for value in templates[key].values())
-            totals[param.device] = totals.get(param.device, 0) + per_element * param.numel()
+            if key not in layouts:
+                layouts[key] = solver_layout(type(solver), None, group, param.device)
+            totals[param.device] = totals.get(param.device, 0) + len(layouts[key].per_element) * param.numel()
     # One take per device, before any view is handed out: growing later would strand earlier views.
     flats = {device: buffers.take("moments", device, numel) for device, numel in totals.items()}
     offsets = dict.fromkeys(flats, 0)
     for index, group in enumerate(solver.param_groups):
         for param in group["params"]:
-            state = {}
-            for key, value in templates[(index, param.device)].items():
-                if value is None:
-                    start = offsets[param.device]
-                    offsets[param.device] = start + param.numel()
-                    state[key] = flats[param.device][start:start + param.numel()].view(param.shape).zero_()
-                else:
-                    state[key] = value.clone()
+            layout = layouts[(index, param.device)]
+            state = layout.fresh()
+            for key in layout.per_element:
+                start = offsets[param.device]
+                offsets[param.device] = start + param.numel()
+                state[key] = flats[param.device][start:start + param.numel()].view(param.shape).zero_()
             solver.state[param] = state
 
 

@@ -26,7 +26,7 @@ from bcd.blocks import Partition, check_rows, trainable_parameters
 from bcd.checks import flag, is_number, positive_int
 from bcd.groups import check_hyperparameters, outer_groups
 from bcd.observe import observes
-from bcd.precision import needs_master
+from bcd.cost import needs_master
 from bcd.schedule import BlockSchedule
 
 

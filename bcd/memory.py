@@ -20,9 +20,8 @@ holds :math:`2M` (weights) + :math:`2M` (gradients) + :math:`4M` (masters) + :ma
 
 from __future__ import annotations
 
-import functools
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -33,9 +32,8 @@ from bcd import plugins
 from bcd.checks import positive_int
 from bcd.construction import resolve_partition
 from bcd.measure import Breakdown, LiveMemory, measure
-from bcd.blocks import block_numel, entry_numel, parse_entry
-from bcd.buffers import PREFILLED
-from bcd.precision import GRADIENT_CHUNK, needs_master, streams
+from bcd.blocks import block_numel, parse_entry
+from bcd.cost import SolverLayout, block_bytes, plan_buffers, solver_layout
 
 __all__ = ["Breakdown", "LiveMemory", "MemoryEstimate", "estimate", "estimate_activations", "format_size", "measure",
            "parse_size"]
@@ -100,37 +98,6 @@ class MemoryEstimate:
         raise ValueError(f"No estimate for method {name!r}; this report has {[m.method for m in self.methods]}.")
 
 
-# ---------------------------------------------------------------------------- solver state
-
-
-@functools.lru_cache(maxsize=32)
-def _solver_state_cost(solver: str, options: tuple[tuple[str, Any], ...]) -> tuple[int, int, str]:
-    """Bytes of solver state as ``(per element, per tensor)``, and how bcd streams its step.
-
-    Any solver plugin works: it takes one step on fp32 tensors of two sizes and the two unknowns
-    follow from the state it then holds.
-    """
-    held = []
-    for size in (1, 1001):
-        tensor = torch.zeros(size)
-        tensor.grad = torch.zeros(size)
-        optimizer = plugins.create("solver", solver, dict(options), [tensor])
-        optimizer.step()
-        held.append(_tensor_bytes(t for state in optimizer.state.values() for t in state.values()))
-    per_element = (held[1] - held[0]) // 1000
-    # How much fp32 gradient bcd casts at once: a chunk (Adam, AdamW), a tensor (other torch solvers), a block.
-    return per_element, held[0] - per_element, "chunk" if type(optimizer) in PREFILLED else (
-        "tensor" if streams(optimizer) else "block")
-
-
-def _tensor_bytes(values: Iterable[Any]) -> int:
-    return sum(t.numel() * t.element_size() for t in values if isinstance(t, torch.Tensor))
-
-
-def _hashable(options: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
-    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in (options or {}).items()))
-
-
 # ---------------------------------------------------------------------------- estimates
 
 
@@ -139,30 +106,21 @@ def _shard(count: int, world_size: int) -> int:
     return -(-count // world_size)
 
 
-def _fp32_gradient(blocks: Sequence[Sequence[str]], params: Mapping[str, torch.Tensor], streamed: str) -> int:
-    """Elements of the fp32 gradient buffer, kept across visits (:mod:`bcd.precision`): one chunk
-    of the largest low-precision entry, that entry, or the largest block's low-precision part."""
-    low = [[entry_numel(e, params) for e in entries if needs_master(params[parse_entry(e)[0]])] for entries in blocks]
-    if streamed == "block":
-        return max((sum(n) for n in low), default=0)
-    largest = max((max(n, default=0) for n in low), default=0)
-    return min(largest, GRADIENT_CHUNK) if streamed == "chunk" else largest
-
-
-def _block_cost(entries: Sequence[str], params: Mapping[str, torch.Tensor], per_element: int, per_tensor: int,
+def _block_cost(entries: Sequence[str], params: Mapping[str, torch.Tensor], layout: SolverLayout,
                 fp32_gradient: int, world_size: int = 1) -> Breakdown:
-    """Bytes of training the block of ``entries`` (names or row entries), beside the weights.
+    """Bytes of training the block of ``entries`` (names or row entries), beside the weights (:mod:`bcd.cost`).
 
     A partly active tensor (a row block) holds its whole gradient in the model's dtype; low-precision
-    entries have fp32 masters and share one fp32 gradient buffer of ``fp32_gradient`` elements.
+    entries have fp32 masters and share one fp32 gradient buffer of ``fp32_gradient`` bytes.
     """
     tensors = {parse_entry(e)[0]: params[parse_entry(e)[0]] for e in entries}
-    sizes = [(entry_numel(e, params), needs_master(params[parse_entry(e)[0]])) for e in entries]
+    need = block_bytes(entries, params, layout)
+    kind = lambda name: sum(count for (k, _), count in need.items() if k == name)  # noqa: E731 - over devices
     return Breakdown(
-        gradients=_shard(sum(p.numel() * p.element_size() for p in tensors.values()) + 4 * fp32_gradient, world_size),
+        gradients=_shard(sum(p.numel() * p.element_size() for p in tensors.values()) + fp32_gradient, world_size),
         # Per-tensor state (Adam's step counter) is a scalar that every rank keeps whole.
-        solver_state=_shard(per_element * sum(n for n, _ in sizes), world_size) + per_tensor * len(entries),
-        master_copies=_shard(4 * sum(n for n, low in sizes if low), world_size),
+        solver_state=_shard(kind("moments"), world_size) + layout.bytes_per_tensor * len(entries),
+        master_copies=_shard(kind("masters"), world_size),
     )
 
 
@@ -245,12 +203,13 @@ def estimate(
     all_params = list(params.values())
     total = sum(p.numel() for p in all_params)
     weights = _shard(sum(p.numel() * p.element_size() for p in all_params), world_size)
-    per_element, per_tensor, streamed = _solver_state_cost(solver, _hashable(solver_options))
+    layout = solver_layout(lambda groups, **options: plugins.create("solver", solver, options, groups),
+                           solver_options)
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in all_params})
     results = []
     for method in methods:
         if method == "adam":
-            cost = _block_cost(list(params), params, per_element, per_tensor, 0, world_size)
+            cost = _block_cost(list(params), params, layout, 0, world_size)
             # Full-parameter training keeps low-precision gradients in the model's dtype.
             gradients = _shard(sum(p.numel() * p.element_size() for p in all_params), world_size)
             results.append(MethodEstimate(
@@ -261,12 +220,13 @@ def estimate(
         elif method == "badam":
             options = partitioner_options or {}
             partition = resolve_partition(model, partitioner, options, params)[2]
-            buffer = _fp32_gradient([b.param_names for b in partition], params, streamed)
+            buffer = sum(4 * n for (kind, _), n in plan_buffers([b.param_names for b in partition], params, layout).items()
+                         if kind == "gradient")
             figures = tuple(
                 BlockFigure(
                     name=block.name,
                     params=block_numel(block, params),
-                    bytes=_block_cost(block.param_names, params, per_element, per_tensor, buffer, world_size),
+                    bytes=_block_cost(block.param_names, params, layout, buffer, world_size),
                 )
                 for block in partition
             )
@@ -291,7 +251,8 @@ def estimate(
                 breakdown=Breakdown(
                     weights=weights + _shard(4 * numel, world_size),
                     gradients=_shard(4 * numel, world_size),
-                    solver_state=_shard(per_element * numel, world_size) + per_tensor * 2 * len(adapters),
+                    solver_state=_shard(layout.bytes_per_element * numel, world_size)
+                    + layout.bytes_per_tensor * 2 * len(adapters),
                 ),
                 note=f"rank {lora_rank} on {', '.join(lora_targets)} ({len(adapters)} linear modules); fp32 adapters",
             ))

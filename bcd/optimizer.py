@@ -29,8 +29,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from bcd import checkpointing, distributed, state
-from bcd.activation import ActiveBlock, plan_buffers, remove_all
+from bcd import checkpointing, cost, distributed, state
+from bcd.activation import ActiveBlock, remove_all
 from bcd.buffers import Buffers
 from bcd.blocks import Block, Partition
 from bcd.construction import (Composition, PrecisionNote, check_partition, check_unreplaced, claim, compose, owner_of,
@@ -116,8 +116,10 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         self._model, self.data_parallel = model, data_parallel
         self.partition, self.schedule = plan.partition, plan.schedule
         self._group_names = [names for _, names in plan.groups]
+        layout = cost.layout_or_none(plan.solver_factory, plan.solver_options,
+                                     device=next(iter(plan.candidates.values())).device)
         self._block = ActiveBlock(plan.candidates, data_parallel, lambda: self._wait is not None and self._wait.pending,
-                                  Buffers(plan_buffers(plan.partition, plan.candidates)))
+                                  Buffers(cost.plan_buffers([b.param_names for b in plan.partition], plan.candidates, layout)))
         self._switch_hooks: dict[int, Callable[[BlockCoordinateOptimizer, BlockSwitch], None]] = collections.OrderedDict()
         self._model_hooks: list[RemovableHandle] = []
         self._closed: str | None = None

@@ -25,26 +25,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from bcd.buffers import PREFILLED, Buffers, views
+from bcd.buffers import Buffers, views
+from bcd.cost import GRADIENT_CHUNK, PREFILLED, needs_master, streams
 from bcd.distributed import like, sharded
-
-LOW_PRECISION = (torch.bfloat16, torch.float16)
-#: Elements of fp32 gradient cast at a time when Adam or AdamW is stepped in row chunks (64 MB).
-GRADIENT_CHUNK = 2**24
-
-
-def needs_master(param: torch.Tensor) -> bool:
-    """Whether ``param`` is stored in a precision too low for the solver to update in place."""
-    return param.dtype in LOW_PRECISION
-
-
-def streams(solver: torch.optim.Optimizer) -> bool:
-    """Whether ``solver`` updates each tensor independently, so it may be stepped tensor by tensor.
-
-    True for torch's own optimizers but LBFGS (which couples every tensor through its closure);
-    a plugin's solver is stepped once over the block, the safe choice for any arithmetic.
-    """
-    return type(solver).__module__.startswith("torch.optim") and not isinstance(solver, torch.optim.LBFGS)
 
 
 def _rows(tensor: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:

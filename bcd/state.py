@@ -19,7 +19,7 @@ import torch
 from bcd.blocks import Partition, entry_shape, parse_entry
 from bcd.contracts import options_of
 from bcd.groups import check_hyperparameters
-from bcd.precision import needs_master
+from bcd.cost import layout_or_none, needs_master
 from bcd.schedule import BlockSchedule
 
 
@@ -130,23 +130,6 @@ def _check_masters(saved: Any, expected: Mapping[str, tuple[int, ...]]) -> dict[
     return dict(saved)
 
 
-def _layout(factory: Any, options: Mapping[str, Any], hyper: Mapping[str, Any]) -> dict[str, bool] | None:
-    """Which state entries the solver keeps per element (True) or as a scalar (False), by key.
-
-    Learnt from a throwaway solver of the same factory, options and group values stepped once on
-    a 2-element tensor with a zero gradient; None when that solver cannot be stepped so (LBFGS
-    needs a closure, a plugin may need more).
-    """
-    probe = torch.zeros(2)
-    probe.grad = torch.zeros(2)
-    try:
-        solver = factory([{**{k: v for k, v in hyper.items() if k != "params"}, "params": [probe]}], **options)
-        solver.step()
-    except Exception:  # noqa: BLE001 - any failure only means "layout unknown": the general rule applies
-        return None
-    return {key: isinstance(value, torch.Tensor) and value.shape == probe.shape for key, value in solver.state[probe].items()}
-
-
 def _check_state_entry(where: str, value: Any, shape: tuple[int, ...], per_element: bool | None) -> None:
     """One tensor of the solver state: floating, real (not meta), and of the shape it will be used at.
 
@@ -175,8 +158,9 @@ def _check_solver_state(saved: Any, optimizer: Optimizing, groups: list[dict[str
     probe_groups, _ = solver_groups(groups, optimizer.group_names, meta)
     params = [p for g in probe_groups for p in g["params"]]
     # One throwaway step per group (its values may change the layout, e.g. amsgrad), shared by its tensors.
-    layouts = [layout for g in probe_groups
-               for layout in [_layout(optimizer.composition.solver_factory, optimizer.composition.solver_options, g)]
+    layouts = [None if layout is None else {key: key in layout.per_element for key in [*layout.per_element, *layout.whole]}
+               for g in probe_groups
+               for layout in [layout_or_none(optimizer.composition.solver_factory, optimizer.composition.solver_options, g)]
                for _ in g["params"]]
     for key, entry in saved["state"].items():
         if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < len(params) or not isinstance(entry, Mapping):
