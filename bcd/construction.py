@@ -12,46 +12,21 @@ import functools
 import inspect
 import os
 import warnings
-import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
 import torch
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
-from bcd import checkpointing, contracts, distributed, plugins
+from bcd import checkpointing, contracts, cost, distributed, plugins
 from bcd.blocks import Partition, check_rows, trainable_parameters
 from bcd.checks import flag, is_number, positive_int
 from bcd.groups import check_hyperparameters, outer_groups
 from bcd.observe import observes
 from bcd.cost import needs_master
 from bcd.schedule import BlockSchedule
-
-
-# The optimizer that drives each parameter now, keyed by the tensor (not the module): a newer one
-# over the same model, or over a wrapper of it (nn.Sequential(model), DDP), takes over.
-_owners: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def owner_of(model: Any) -> Any:
-    """The open optimizer that drives a parameter of ``model`` now, or None."""
-    if not isinstance(model, nn.Module):
-        return None
-    for param in model.parameters():
-        ref = _owners.get(param)
-        owner = ref() if ref is not None else None
-        if owner is not None and not owner.closed:
-            return owner
-    return None
-
-
-def claim(params: Iterable[nn.Parameter], optimizer: Any) -> None:
-    """Record ``optimizer`` as the one driving ``params`` (both held weakly)."""
-    ref = weakref.ref(optimizer)
-    for param in params:
-        _owners[param] = ref
+from bcd.tenure import owner_of
 
 
 def candidates_of(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -68,34 +43,6 @@ def candidates_of(model: nn.Module) -> dict[str, nn.Parameter]:
     known = {id(p) for p in owner.candidates.values()} if owner is not None else set()
     params = {name: p for name, p in model.named_parameters() if p.requires_grad or id(p) in known}
     return params if params else trainable_parameters(model)
-
-
-def check_unreplaced(model: nn.Module, candidates: Mapping[str, nn.Parameter], names: Sequence[str]) -> None:
-    """Refuse to go on when the model's parameters were replaced (``load_state_dict(assign=True)``, a wrapper).
-
-    Raises:
-        ValueError: naming the first replaced parameter and what to do instead.
-    """
-    for name in names:
-        if model.get_parameter(name) is not candidates[name]:
-            raise ValueError(
-                f"The model's parameters were replaced after the optimizer was built (e.g. {name!r}), by "
-                "model.load_state_dict(..., assign=True) or a wrapper such as fully_shard; nothing was updated. "
-                "Accepted: load weights in place (assign=False), or wrap the model first and build the optimizer "
-                "over the wrapped model."
-            )
-
-
-def refuse_copy(optimizer: Any, *args: Any) -> None:
-    """``copy``, ``deepcopy`` and ``pickle`` of an optimizer: refused, pointing to its state dict.
-
-    Raises:
-        TypeError: as pickle does for any object it cannot copy.
-    """
-    raise TypeError(
-        f"A {type(optimizer).__name__} cannot be pickled or copied: it drives one live model. Accepted: save "
-        "optimizer.state_dict() (with the model's), build a new optimizer over the model copy, load it there."
-    )
 
 
 class PrecisionNote(UserWarning):
@@ -218,6 +165,8 @@ class Composition:
     groups: list[tuple[dict[str, Any], list[str]]]
     awaiting_wrapper: bool
     max_block_params: int | None = None
+    #: fp32 elements by (kind, device) the buffers allocate once (bcd.cost.plan_buffers).
+    buffers: dict[tuple[str, torch.device], int] = attrs.field(factory=dict)
 
 
 def _options(label: str, value: Any) -> dict[str, Any]:
@@ -323,9 +272,11 @@ def compose(model: Any, *, lr: Any, switch_every: Any, partitioner: Any,
                           {k: v for k, v in solver_options.items() if k in defaults}, defaults)
     built_groups = outer_groups(candidates, partition.tensor_names, no_decay, groups, defaults)
     checkpointing.check(model)
+    layout = cost.layout_or_none(factory, solver_options, device=next(iter(candidates.values())).device)
     return Composition(
         candidates=candidates, partitioner=partitioner_obj, partitioner_name=partitioner_name, partition=partition,
         ordering_name=ordering_name, schedule=schedule, solver_factory=factory, solver_name=solver_name,
         solver_options=solver_options, defaults=defaults, groups=built_groups,
         awaiting_wrapper=distributed.expects_wrapper(model, data_parallel), max_block_params=max_block_params,
+        buffers=cost.plan_buffers([b.param_names for b in partition], candidates, layout),
     )

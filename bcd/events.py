@@ -1,8 +1,13 @@
-"""Values passed to event hooks."""
+"""Block-switch events: the value passed to hooks, and the hooks an optimizer calls."""
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import attrs
+from torch.utils.hooks import RemovableHandle
 
 from bcd.blocks import Block
 
@@ -30,3 +35,29 @@ class BlockSwitch:
     position: int
     global_step: int
     reason: str
+
+    @classmethod
+    def at(cls, schedule: Any, partition: Sequence[Block], previous: Block | None, reason: str) -> BlockSwitch:
+        """The activation of ``schedule``'s active block of ``partition`` (a :class:`bcd.BlockSchedule`)."""
+        return cls(block=partition[schedule.active], block_index=schedule.active, previous=previous,
+                   block_epoch=schedule.block_epoch, position=schedule.position, global_step=schedule.global_step,
+                   reason=reason)
+
+
+class SwitchHooks:
+    """Hooks called with ``(optimizer, event)`` at every block activation, in registration order."""
+
+    def __init__(self) -> None:
+        self.hooks: collections.OrderedDict[int, Callable[[Any, BlockSwitch], None]] = collections.OrderedDict()
+
+    def register(self, hook: Callable[[Any, BlockSwitch], None], prepend: bool = False) -> RemovableHandle:
+        """Add ``hook`` (first when ``prepend``, as torch's module hooks do); returns a removable handle."""
+        handle = RemovableHandle(self.hooks)
+        self.hooks[handle.id] = hook
+        if prepend:
+            self.hooks.move_to_end(handle.id, last=False)
+        return handle
+
+    def __call__(self, optimizer: Any, event: BlockSwitch) -> None:
+        for hook in list(self.hooks.values()):  # a hook may remove itself
+            hook(optimizer, event)

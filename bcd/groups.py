@@ -28,6 +28,12 @@ def _real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def check_groups(param_groups: Sequence[Mapping[str, Any]], defaults: Mapping[str, Any]) -> None:
+    """:func:`check_hyperparameters` on each of an optimizer's ``param_groups`` (what a scheduler or user set)."""
+    for index, group in enumerate(param_groups):
+        check_hyperparameters(f"param_groups[{index}]", {k: v for k, v in group.items() if k in defaults}, defaults)
+
+
 def check_hyperparameters(where: str, hyper: Mapping[str, Any], defaults: Mapping[str, Any]) -> None:
     """Refuse a hyperparameter of the wrong type or range, naming ``where`` it was found.
 

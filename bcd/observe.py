@@ -17,6 +17,8 @@ an observing ordering is still a pure function, of its options, its arguments an
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -54,6 +56,22 @@ def gradient_norm(params: Iterable[torch.Tensor]) -> float | None:
         return None
     # One host sync for the block, not one per tensor.
     return float(torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms])))
+
+
+def observed_norm(ordering: object, params: Iterable[torch.Tensor], block: str) -> float | None:
+    """The gradient norm of ``params`` for an ordering that observes (None for one that does not:
+    measuring costs a reduction and a host sync per step).
+
+    Raises:
+        ValueError: the norm is not finite, naming ``block``: nothing may be updated from it.
+    """
+    norm = gradient_norm(params) if observes(ordering) else None
+    if norm is not None and not math.isfinite(norm):
+        raise ValueError(
+            f"The gradient of block {block!r} has a non-finite norm ({norm}); nothing was updated. Accepted: finite "
+            "gradients (with fp16, a GradScaler skips such steps; or lower the rate)."
+        )
+    return norm
 
 
 def _fail(message: str) -> None:

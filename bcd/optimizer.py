@@ -17,10 +17,7 @@ state-dict checks :func:`bcd.state.check`, the wait for a wrapper :class:`bcd.di
 
 from __future__ import annotations
 
-import collections
-import math
 import types
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -29,26 +26,19 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from bcd import checkpointing, cost, distributed, state
-from bcd.activation import ActiveBlock, remove_all
+from bcd import checkpointing, distributed, state
+from bcd.activation import ActiveBlock
 from bcd.buffers import Buffers
 from bcd.blocks import Block, Partition
-from bcd.construction import (Composition, PrecisionNote, check_partition, check_unreplaced, claim, compose, owner_of,
-                              partition_of, refuse_copy, warn_if_fp32)
-from bcd.events import BlockSwitch
-from bcd.groups import check_hyperparameters, copy_hyperparameters
-from bcd.observe import gradient_norm, observes
+from bcd.construction import Composition, PrecisionNote, check_partition, compose, partition_of, warn_if_fp32
+from bcd.events import BlockSwitch, SwitchHooks
+from bcd.groups import check_groups, copy_hyperparameters
+from bcd.observe import observed_norm
 from bcd.schedule import BlockSchedule
+from bcd.tenure import Tenure, check_unreplaced, owner_of, refuse_copy
 
 STATE_FORMAT = state.STATE_FORMAT
 __all__ = ["BlockCoordinateOptimizer", "PrecisionNote", "STATE_FORMAT"]
-
-def _let_go(hooks: list[RemovableHandle], trainable: list[nn.Parameter]) -> None:
-    """Remove an optimizer's hooks from the model and make its candidates trainable again."""
-    remove_all(hooks)
-    for param in trainable:
-        param.requires_grad_(True)
-
 
 class BlockCoordinateOptimizer(torch.optim.Optimizer):
     """Train one block of a model at a time with an inner ``torch.optim`` solver.
@@ -116,21 +106,15 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         self._model, self.data_parallel = model, data_parallel
         self.partition, self.schedule = plan.partition, plan.schedule
         self._group_names = [names for _, names in plan.groups]
-        layout = cost.layout_or_none(plan.solver_factory, plan.solver_options,
-                                     device=next(iter(plan.candidates.values())).device)
         self._block = ActiveBlock(plan.candidates, data_parallel, lambda: self._wait is not None and self._wait.pending,
-                                  Buffers(cost.plan_buffers([b.param_names for b in plan.partition], plan.candidates, layout)))
-        self._switch_hooks: dict[int, Callable[[BlockCoordinateOptimizer, BlockSwitch], None]] = collections.OrderedDict()
-        self._model_hooks: list[RemovableHandle] = []
-        self._closed: str | None = None
+                                  Buffers(plan.buffers))
+        self._switch_hooks = SwitchHooks()
         #: Block switches so far (a revisit of the same block is none), kept across state dicts.
         self.switches = 0
         if previous is not None:
             previous.close(reason="a newer optimizer over the same model took over")
-        claim(plan.candidates.values(), self)
         # Closing, or collecting, the optimizer hands the candidates back trainable, as it found them.
-        self._trainable = list(plan.candidates.values())
-        self._let_go = weakref.finalize(self, _let_go, self._model_hooks, self._trainable)
+        self._tenure = Tenure(self, plan.candidates.values())
         checkpointing.make_compatible(model)
         # On several ranks with a plain model, freezing waits for the first forward: DDP registers
         # only the parameters that require grad when the Trainer or accelerate builds it.
@@ -138,11 +122,11 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         if self._wait is None:
             self._block.freeze_all()
         else:
-            self._model_hooks.append(self._wait.handle)
+            self._tenure.hooks.append(self._wait.handle)
         warn_if_fp32(plan.candidates)
         self._activate(reason="start")
         # Checkpointing switched on later (the Trainer does) must not run backward through frozen blocks.
-        self._model_hooks.append(checkpointing.guard(model))
+        self._tenure.hooks.append(checkpointing.guard(model))
 
     # ------------------------------------------------------------------ public view
 
@@ -165,21 +149,15 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         "loaded after a switch or after construction are what the fp32 master copies start from)."))
     master_copies = property(lambda self: self._block.masters, doc="The active block's master copies; None like solver.")
     buffers = property(lambda self: self._block.buffers, doc="The fp32 buffers kept across visits (bcd.buffers.Buffers).")
-    closed = property(lambda self: self._closed is not None, doc="Whether close() ran or a newer optimizer took over.")
+    closed = property(lambda self: self._tenure.reason is not None, doc="Whether close() ran or a newer optimizer took over.")
 
     def register_block_switch_hook(self, hook: Callable[[BlockCoordinateOptimizer, BlockSwitch], None], *,
                                    prepend: bool = False) -> RemovableHandle:
         """Call ``hook(optimizer, event)`` at every block activation (start, switch, resume); returns a removable handle.
 
-        Hooks run in registration order; ``prepend=True`` puts this one first (as torch's module
-        hooks do), so that what it keeps in step with the active block (the landscape expansion)
-        is updated before any later hook can raise.
-        """
-        handle = RemovableHandle(self._switch_hooks)
-        self._switch_hooks[handle.id] = hook
-        if prepend:
-            self._switch_hooks.move_to_end(handle.id, last=False)
-        return handle
+        Hooks run in registration order; ``prepend=True`` puts this one first, so what it keeps in
+        step with the active block (the landscape expansion) moves before a later hook can raise."""
+        return self._switch_hooks.register(hook, prepend)
 
     # ------------------------------------------------------------------ activation
 
@@ -191,8 +169,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
     def _adopt(self, current: dict[str, nn.Parameter]) -> None:
         """The wrapper is in place: re-read the parameters by name, freeze all but the active block."""
         self._block.adopt(current)
-        self._trainable[:] = self._candidates.values()
-        claim(self._trainable, self)
+        self._tenure.hold(self, self._candidates.values())
         check_partition(self.partition, self.composition.partitioner_name, self._candidates, 0)  # rows of sharded tensors
         for group, names in zip(self.param_groups, self._group_names):
             group["params"] = [self._candidates[n] for n in names]
@@ -200,11 +177,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
     def _activate(self, *, reason: str, previous: Block | None = None) -> None:
         self._block.activate(self.active_block)
         self.switches += reason == "switch"
-        event = BlockSwitch(block=self.active_block, block_index=self.schedule.active, previous=previous,
-                            block_epoch=self.schedule.block_epoch, position=self.schedule.position,
-                            global_step=self.schedule.global_step, reason=reason)
-        for hook in list(self._switch_hooks.values()):
-            hook(self, event)
+        self._switch_hooks(self, BlockSwitch.at(self.schedule, self.partition, previous, reason))
 
     def _ensure_solver(self) -> None:
         if self._wait is not None:
@@ -220,7 +193,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         What can refuse the step (closed, replaced parameters, ranks' gradients differ, a bad
         hyperparameter) is checked before any tensor changes.
         """
-        self._check_open()
+        self._tenure.check_open()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -233,31 +206,18 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
             # At each visit's first step (one all-gather of two numbers): a wrapper the optimizer
             # could not see at construction must average this block's gradients too.
             distributed.check_gradients_agree(self._block.params, self.active_block.name)
-        for index, group in enumerate(self.param_groups):
-            check_hyperparameters(f"param_groups[{index}]", {k: v for k, v in group.items() if k in self.defaults},
-                                  self.defaults)
+        check_groups(self.param_groups, self.defaults)
         self._ensure_solver()
         copy_hyperparameters(self.param_groups, self._block.solver, self._block.solver_group_index)
-        # Measured only for an ordering that asks: it costs a reduction and a host sync per step.
-        grad_norm = gradient_norm(self._block.params) if observes(self.schedule.ordering) else None
-        if grad_norm is not None and not math.isfinite(grad_norm):
-            raise ValueError(
-                f"The gradient of block {self.active_block.name!r} has a non-finite norm ({grad_norm}); nothing was "
-                "updated. Accepted: finite gradients (with fp16, a GradScaler skips such steps; or lower the rate)."
-            )
+        grad_norm = observed_norm(self.schedule.ordering, self._block.params, self.active_block.name)
         # What comes next (order, partition) is computed before any weight moves: a failure there
         # leaves weights, schedule and solver state as they were.
-        schedule = self.schedule.step(grad_norm)
-        partition = self._next_partition(schedule)
+        schedule = self.schedule.step(grad_norm)  # and a dynamic partitioner's new partition at a new block-epoch:
+        partition = (self.partition_for(schedule.block_epoch) if self.composition.partitioner.dynamic
+                     and schedule.block_epoch != self.schedule.block_epoch else self.partition)
         self._block.step()
         self._advance(schedule, partition)
         return loss
-
-    def _next_partition(self, schedule: BlockSchedule) -> Partition:
-        """The partition ``schedule`` runs on: a dynamic partitioner's new one at a new block-epoch."""
-        if self.composition.partitioner.dynamic and schedule.block_epoch != self.schedule.block_epoch:
-            return self.partition_for(schedule.block_epoch)
-        return self.partition
 
     def _advance(self, schedule: BlockSchedule, partition: Partition) -> None:
         previous, block = self.schedule, self.active_block
@@ -270,25 +230,15 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _check_open(self) -> None:
-        if self._closed is not None:
-            raise ValueError(
-                f"This optimizer is closed ({self._closed}); nothing was updated. Accepted: step the optimizer that "
-                "drives the model now, or build a new one (load this one's state_dict() into it to continue)."
-            )
-
     def close(self, reason: str = "close() was called") -> None:
         """Remove every hook this optimizer installed and make the candidates trainable again. Idempotent.
 
-        Args:
-            reason: what a later ``step()`` names as the reason it refuses.
-        """
-        if self._closed is None:
-            self._closed = reason
+        ``reason`` is what a later ``step()`` names when it refuses."""
+        if not self.closed:
             if self._wait is not None:
                 self._wait.close()
             self._block.release()
-            self._let_go()  # hooks removed, candidates trainable again; once, not again when collected
+            self._tenure.end(reason)  # hooks removed, candidates trainable again; once, not again when collected
 
     def __enter__(self) -> BlockCoordinateOptimizer:
         return self
@@ -316,7 +266,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
             ValueError: naming the offending key, the value and what is accepted (checked in full by
                 :func:`bcd.state.check` first: a refused dict changes nothing).
         """
-        self._check_open()
+        self._tenure.check_open()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = pre_hook(self, state_dict) or state_dict
         restore = state.check(state_dict, self)
