@@ -6,8 +6,8 @@ BAdam = ``layer`` partition + an ordering + ``adamw`` inner solver, K steps per 
 
     BlockCoordinateOptimizer(
         model, lr=lr, switch_every=K,
-        partitioner="layer", partitioner_options={"include_embedding": True, "include_head": True,
-                                                  "max_block_params": max_block_params},
+        partitioner="layer", partitioner_options={"include_embedding": True, "include_head": True},
+        max_block_params=max_block_params,
         order="random", order_options={"seed": seed},
         solver="adamw", solver_options={"betas": betas, "eps": eps, "weight_decay": weight_decay},
     )
@@ -54,7 +54,8 @@ AUTO = "auto"
 AUTO_BLOCK_EPOCHS = 3
 
 
-def _resolve_switch_every(model: nn.Module, switch_every: Any, total_steps: Any, options: dict[str, Any]) -> Any:
+def _resolve_switch_every(model: nn.Module, switch_every: Any, total_steps: Any, options: dict[str, Any],
+                          max_block_params: Any) -> Any:
     """K for ``switch_every="auto"``: ``max(1, total_steps // (3 D))``, D from the partition BAdam will use.
 
     Raises:
@@ -66,7 +67,7 @@ def _resolve_switch_every(model: nn.Module, switch_every: Any, total_steps: Any,
     positive_int("total_steps", total_steps)
     if switch_every != AUTO:
         return switch_every  # K given: total_steps is only the run length
-    blocks = len(resolve_partition(model, "layer", options)[2])
+    blocks = len(resolve_partition(model, "layer", options, max_block_params=max_block_params)[2])
     return max(1, total_steps // (AUTO_BLOCK_EPOCHS * blocks))
 
 
@@ -160,10 +161,9 @@ class BAdam(BlockCoordinateOptimizer):
             order_options["seed"] = seed
         if start_block is not None:
             order_options["start_block"] = start_block
-        partitioner_options = {"include_embedding": include_embedding, "include_head": include_head,
-                               "max_block_params": max_block_params}
+        partitioner_options = {"include_embedding": include_embedding, "include_head": include_head}
         if switch_every == AUTO or total_steps is not None:
-            switch_every = _resolve_switch_every(model, switch_every, total_steps, partitioner_options)
+            switch_every = _resolve_switch_every(model, switch_every, total_steps, partitioner_options, max_block_params)
         if expansion is not None:  # checked before anything changes: a refused expansion leaves the model alone
             check_expansion(expansion_scale, True, expansion, 0, data_parallel)
         super().__init__(
@@ -178,6 +178,7 @@ class BAdam(BlockCoordinateOptimizer):
             solver_options={"betas": betas, "eps": eps, "weight_decay": weight_decay, **solver_options},
             no_decay=no_decay,
             data_parallel=data_parallel,
+            max_block_params=max_block_params,
         )
         #: The landscape expansion asked for with ``expansion=``, or None.
         self.expansion = landscape_expansion(self, expansion_scale, reach=expansion) if expansion is not None else None

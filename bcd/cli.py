@@ -75,8 +75,10 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--partition", default="layer", help="BAdam's partitioner (default layer)")
     parser.add_argument("--partition-option", action="append", metavar="KEY=VALUE",
                         help="an option for the partitioner, repeatable; JSON values. The layer partitioner's "
-                             "defaults are bcd.BAdam's: every parameter, no block larger than a layer "
-                             "(include_embedding=true include_head=true max_block_params=null)")
+                             "defaults are bcd.BAdam's: every parameter (include_embedding=true include_head=true)")
+    parser.add_argument("--max-block-params", type=_at_least(int, 1, maximum=2**50), metavar="N",
+                        help="split blocks larger than N elements by rows, around any partitioner (default: the "
+                             "partitioner's own limit; layer: no block larger than a layer)")
 
 
 #: What the command line needs beyond the library: the ``lab`` extra.

@@ -41,7 +41,8 @@ def run_memory(args: argparse.Namespace) -> int:
     model = build_model(config, dtype=parse_dtype(args.dtype))
     options = _options(args.partition_option, "--partition-option") if args.partition_option else None
     report = memory.estimate(
-        model, methods=methods, partitioner=args.partition, partitioner_options=options, solver=args.solver,
+        model, methods=methods, partitioner=args.partition, partitioner_options=options,
+        max_block_params=args.max_block_params, solver=args.solver,
         lora_rank=args.lora_rank, lora_targets=args.lora_targets.split(",") if args.lora_targets else None,
         activations=activations,
         name=args.preset or args.config, world_size=args.world_size,
@@ -135,6 +136,7 @@ def run_profile(args: argparse.Namespace) -> int:
 
         result = profiler.profile(
             model, batch=args.batch, seq=args.seq, partitioner=args.partition, partitioner_options=options,
+            max_block_params=args.max_block_params,
             repeats=args.repeats, warmup=args.warmup, use_checkpointing=args.checkpointing,
             progress=progress, name=args.preset or args.config,
         )

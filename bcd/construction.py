@@ -92,8 +92,8 @@ def check_partition(partition: Any, name: str, candidates: Mapping[str, nn.Param
     if any(distributed.sharded(candidates[n]) for n in split):
         raise ValueError(
             f"Unsupported partition from partitioner {name!r}: row blocks of sharded (FSDP2) parameters, e.g. "
-            f"{split[0]!r}. Accepted: whole tensors per block with FSDP2 (partitioner option max_block_params=None "
-            "with a partitioner that does not split, or a limit above the largest tensor), or row blocks without sharding."
+            f"{split[0]!r}. Accepted: whole tensors per block with FSDP2 (max_block_params above the largest tensor's "
+            "size), or row blocks without sharding."
         )
     if first is not None and epoch > 0 and (
             set(partition.param_names) != set(first.param_names) or len(partition) != len(first)):
@@ -118,7 +118,8 @@ def resolve_partition(model: nn.Module, partitioner: Any = "layer", options: Map
         options: options for a partitioner given by name.
         candidates: the parameters to split; default :func:`candidates_of` the model.
         max_block_params: split every block larger than this many elements by rows, whatever the
-            partitioner (a third party's need not know about row blocks); None: as it partitions.
+            partitioner (a third party's need not know about row blocks); None: the partitioner's
+            ``block_limit`` if it has one (``layer``: the largest layer), else as it partitions.
 
     Returns:
         ``(partitioner object, its recorded name, partition)``.
@@ -130,7 +131,14 @@ def resolve_partition(model: nn.Module, partitioner: Any = "layer", options: Map
     candidates = dict(candidates) if candidates is not None else candidates_of(model)
     if max_block_params is not None:
         positive_int("max_block_params", max_block_params)
-    obj, name = contracts.resolve("partitioner", partitioner, options)
+    try:
+        obj, name = contracts.resolve("partitioner", partitioner, options)
+    except ValueError as error:
+        if isinstance(options, Mapping) and "max_block_params" in options:  # a partitioner option until 0.1
+            raise ValueError(f"{error} max_block_params is the optimizer's keyword now, applied around any partitioner: "
+                             "BlockCoordinateOptimizer(..., max_block_params=N), bcd.BAdam(..., max_block_params=N), "
+                             "--max-block-params N.") from error
+        raise
     return obj, name, partition_of(obj, name, model, candidates, 0, max_block_params)
 
 
@@ -140,11 +148,14 @@ def partition_of(partitioner: Any, name: str, model: nn.Module, candidates: Mapp
 
     The limit is a composition step around any partitioner (optax's ``chain`` in spirit): the
     partitioner says which parameters go together, :meth:`bcd.Partition.limit` splits what is too
-    large by rows.
+    large by rows. Without ``max_block_params`` the partitioner's own ``block_limit`` applies, if it
+    has one (``layer``: the largest layer's size).
     """
     partition = partitioner.partition(model, candidates, epoch)
-    if max_block_params is not None and isinstance(partition, Partition):
-        partition = partition.limit(candidates, max_block_params)
+    if isinstance(partition, Partition):
+        limit = max_block_params if max_block_params is not None else contracts.block_limit(
+            partitioner, name, partition, candidates)
+        partition = partition if limit is None else partition.limit(candidates, limit)
     return check_partition(partition, name, candidates, epoch, first)
 
 

@@ -30,6 +30,10 @@ class Partitioner(Protocol):
     Attributes:
         dynamic: asked again at every block-epoch (True) or once (False). A dynamic partitioner
             may regroup the same parameters into the same number of blocks, nothing else.
+
+    A partitioner may also define ``block_limit(partition, params) -> int``: the most elements a
+    block holds when the user sets no ``max_block_params`` (:func:`block_limit`). Splitting is
+    not its job: the optimizer splits larger blocks by rows around any partitioner.
     """
 
     dynamic: bool
@@ -59,6 +63,21 @@ class ObservingOrdering(Protocol):
 
     def order(self, num_blocks: int, epoch: int, observed: Any) -> Sequence[int]:
         """The block indices to visit in block-epoch ``epoch``, given the observations so far."""
+
+
+def block_limit(partitioner: Any, name: str, partition: Partition, params: Mapping[str, nn.Parameter]) -> int | None:
+    """The partitioner's own default for ``max_block_params`` (its ``block_limit``), or None.
+
+    Raises:
+        ValueError: it returned something other than an integer >= 1.
+    """
+    method = getattr(partitioner, "block_limit", None)
+    if method is None:
+        return None
+    limit = method(partition, params)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"Invalid block_limit from partitioner {name!r}: {limit!r}; accepted: an integer >= 1.")
+    return limit
 
 
 SolverFactory = Callable[..., torch.optim.Optimizer]

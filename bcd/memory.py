@@ -166,6 +166,7 @@ def estimate(
     methods: Sequence[str] = METHODS,
     partitioner: str = "layer",
     partitioner_options: Mapping[str, Any] | None = None,
+    max_block_params: int | None = None,
     solver: str = "adamw",
     solver_options: Mapping[str, Any] | None = None,
     lora_rank: int = 8,
@@ -183,6 +184,7 @@ def estimate(
         partitioner: BAdam's partitioner; its options default to its own (``layer``: every
             parameter, embedding and head split into row blocks no larger than a layer).
         partitioner_options: options for it.
+        max_block_params: split blocks larger than this by rows (default: the partitioner's limit).
         solver: the inner solver (also Adam's and LoRA's optimizer), ``adamw`` by default.
         solver_options: its options (they can change its state, e.g. ``amsgrad``).
         lora_rank: LoRA's rank r.
@@ -218,8 +220,7 @@ def estimate(
                 note=f"{solver} over all parameters; fp32 masters for low-precision ones",
             ))
         elif method == "badam":
-            options = partitioner_options or {}
-            partition = resolve_partition(model, partitioner, options, params)[2]
+            partition = resolve_partition(model, partitioner, partitioner_options or {}, params, max_block_params)[2]
             buffer = sum(4 * n for (kind, _), n in plan_buffers([b.param_names for b in partition], params, layout).items()
                          if kind == "gradient")
             figures = tuple(

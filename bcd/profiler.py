@@ -160,6 +160,7 @@ def profile(
     vocab_size: int | None = None,
     partitioner: str = "layer",
     partitioner_options: Mapping[str, Any] | None = None,
+    max_block_params: int | None = None,
     repeats: int = 5,
     warmup: int = 1,
     use_checkpointing: bool = False,
@@ -176,6 +177,7 @@ def profile(
         vocab_size: token ids are drawn below it (default: ``model.config.vocab_size``).
         partitioner: the partitioner (default ``layer``, embedding and head included).
         partitioner_options: its options.
+        max_block_params: split blocks larger than this by rows (default: the partitioner's limit).
         repeats: timed runs per block, at least 1.
         warmup: untimed runs first.
         use_checkpointing: enable non-reentrant activation checkpointing (savings kept).
@@ -190,7 +192,7 @@ def profile(
         positive_int(label, value)
     # An optimizer driving the model has frozen all but its active block: profile what it trains.
     params = candidates_of(model)
-    partition = resolve_partition(model, partitioner, partitioner_options or {}, params)[2]
+    partition = resolve_partition(model, partitioner, partitioner_options or {}, params, max_block_params)[2]
     if use_checkpointing:
         checkpointing.enable(model)
     model.train()

@@ -17,8 +17,7 @@ def test_badam_equals_its_hand_built_composition():
     a = bcd.BAdam(a_model, lr=1e-3, switch_every=2, seed=4, weight_decay=0.01)
     b = bcd.BlockCoordinateOptimizer(
         b_model, lr=1e-3, switch_every=2,
-        partitioner="layer", partitioner_options={"include_embedding": True, "include_head": True,
-                                                  "max_block_params": None},
+        partitioner="layer", partitioner_options={"include_embedding": True, "include_head": True},
         order="random", order_options={"seed": 4},
         solver="adamw", solver_options={"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01},
     )

@@ -127,3 +127,30 @@ def test_any_partitioner_gets_row_blocks_through_the_composition():
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
     with pytest.raises(ValueError, match=r"Invalid max_block_params: 0; accepted: an integer >= 1"):
         bcd.BlockCoordinateOptimizer(MLP(), lr=0.1, partitioner=_TwoHalves(), max_block_params=0)
+
+
+class _Limited(_TwoHalves):
+    """A partitioner that names its own default limit, as the layer partitioner does."""
+
+    def __init__(self, limit):
+        self.limit = limit
+
+    def block_limit(self, partition, params):
+        return self.limit
+
+
+def test_a_partitioners_block_limit_is_the_default_the_users_limit_wins():
+    params = dict(MLP(width=32).named_parameters())
+    largest = lambda optimizer: max(sum(entry_numel(e, params) for e in b.param_names) for b in optimizer.blocks)  # noqa: E731
+    assert largest(bcd.BlockCoordinateOptimizer(MLP(width=32), partitioner=_Limited(600))) <= 600
+    assert largest(bcd.BlockCoordinateOptimizer(MLP(width=32), partitioner=_Limited(600), max_block_params=10**9)) > 600
+    with pytest.raises(ValueError, match=r"Invalid block_limit from partitioner .*: 0; accepted: an integer >= 1"):
+        bcd.BlockCoordinateOptimizer(MLP(width=32), partitioner=_Limited(0))
+
+
+def test_max_block_params_as_a_partitioner_option_says_where_it_went():
+    model = MLP()
+    with pytest.raises(ValueError, match=r"Unknown option\(s\) \['max_block_params'\] for partitioner 'layer'.*"
+                                         r"the optimizer's keyword now.*bcd.BAdam\(..., max_block_params=N\)"):
+        bcd.BlockCoordinateOptimizer(model, partitioner_options={"max_block_params": 10})
+    assert all(p.requires_grad for p in model.parameters())  # refused before anything changed

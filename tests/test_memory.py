@@ -47,7 +47,7 @@ def test_llama_2_7b_reproduces_the_papers_table_4_and_gets_under_it():
 
 def test_the_largest_block_sets_the_peak_and_row_blocks_bound_it():
     model = build_model(load_config("llama-3-8b"))
-    unsplit = memory.estimate(model, methods=["badam"], partitioner_options={"max_block_params": 10**12}).method("badam")
+    unsplit = memory.estimate(model, methods=["badam"], max_block_params=10**12).method("badam")
     assert unsplit.largest_block == "head"
     head = next(f for f in unsplit.blocks if f.name == "head")
     assert head.params == 128256 * 4096 + 4096
@@ -165,8 +165,7 @@ def test_cli_json_and_budget_verdict(capsys):
 
 
 def test_cli_table_names_the_largest_block(capsys):
-    assert main(["memory", "--preset", "llama-3-8b", "--method", "badam", "--partition-option",
-                 "max_block_params=1000000000000"]) == 0
+    assert main(["memory", "--preset", "llama-3-8b", "--method", "badam", "--max-block-params", "1000000000000"]) == 0
     assert "the largest, head (525.3M parameters" in capsys.readouterr().out
     assert main(["memory", "--preset", "llama-3-8b", "--method", "badam"]) == 0
     assert "D = 38 blocks; the largest, head/0 (175.1M parameters" in capsys.readouterr().out

@@ -19,9 +19,10 @@ K = 3
 
 def make(case, dtype, order, partitioner="layer", partitioner_options=None):
     model = case.model(dtype=dtype)
+    options = dict(partitioner_options or {})
     optimizer = bcd.BlockCoordinateOptimizer(
-        model, lr=1e-2, switch_every=K, partitioner=partitioner,
-        partitioner_options=partitioner_options or {}, order=order,
+        model, lr=1e-2, switch_every=K, partitioner=partitioner, max_block_params=options.pop("max_block_params", None),
+        partitioner_options=options, order=order,
         order_options={"seed": 7} if order in ("random", "importance") else {}, solver="adamw",
         solver_options={"weight_decay": 0.1}, no_decay=True,
     )

@@ -5,10 +5,10 @@ returns a :class:`bcd.Partition` over ``params`` (the parameters trainable when 
 built, by qualified name, in model order). Parameters a partitioner leaves out are frozen by the
 optimizer and never trained.
 
-Every one takes ``max_block_params``: blocks larger than that many elements are split, tensors
-by rows where needed (:meth:`bcd.Partition.limit`). The ``layer`` partitioner's default is the
-size of the model's largest layer, so an embedding or head larger than a layer (Llama-3's 128K
-vocabulary) becomes a few row blocks; the others do not split unless asked.
+None of them splits tensors: the optimizer's ``max_block_params`` does, around any partitioner
+(:meth:`bcd.Partition.limit`). The ``layer`` partitioner names its default limit with
+``block_limit``, the size of the model's largest layer, so an embedding or head larger than a
+layer (Llama-3's 128K vocabulary) becomes a few row blocks; the others do not split unless asked.
 """
 
 from __future__ import annotations
@@ -21,16 +21,12 @@ import torch
 from torch import nn
 
 from bcd.blocks import Block, Partition, block_numel, parse_entry
-from bcd.checks import flag, integer, optional, positive_int, validator
+from bcd.checks import flag, integer, positive_int, validator
 from bcd.hookspecs import hookimpl
 from bcd.layers import find_layer_stacks
 
 
-_flag, _int, _limit = validator(flag), validator(integer), validator(optional(positive_int))
-
-
-def _limited(partition: Partition, params: Mapping[str, nn.Parameter], limit: int | None) -> Partition:
-    return partition if limit is None else partition.limit(params, limit)
+_flag, _int = validator(flag), validator(integer)
 
 
 def _in_module(module_name: str, param_name: str) -> bool:
@@ -50,18 +46,22 @@ class LayerPartitioner:
     - the **head** block: everything else (final norms, output head, pooler, classifier).
 
     A tied output head shares the embedding's tensor and is counted once, in the embedding block.
-    A block larger than ``max_block_params`` is split into row blocks (``embedding/0``, ...).
+    No block is larger than a layer unless asked: :meth:`block_limit` is the default of the
+    optimizer's ``max_block_params``, so a larger embedding or head becomes row blocks
+    (``embedding/0``, ...).
 
     Args:
         include_embedding: train the embedding block; when False its parameters stay frozen.
         include_head: train the head block; when False its parameters stay frozen.
-        max_block_params: the most elements a block may hold; default (None) the largest layer's.
     """
 
     include_embedding: bool = attrs.field(default=True, validator=_flag)
     include_head: bool = attrs.field(default=True, validator=_flag)
-    max_block_params: int | None = attrs.field(default=None, validator=_limit)
     dynamic = False
+
+    def block_limit(self, partition: Partition, params: Mapping[str, nn.Parameter]) -> int:
+        """The largest layer's size: the most elements a block holds when the user sets no limit."""
+        return max(block_numel(b, params) for b in partition if b.name not in ("embedding", "head"))
 
     def partition(self, model: nn.Module, params: Mapping[str, nn.Parameter], epoch: int) -> Partition:
         stacks = find_layer_stacks(model, params)
@@ -97,8 +97,7 @@ class LayerPartitioner:
         blocks.extend(layer_blocks)
         if self.include_head and head:
             blocks.append(Block(name="head", param_names=head))
-        limit = self.max_block_params or max(block_numel(b, params) for b in layer_blocks)
-        return Partition(blocks).limit(params, limit)
+        return Partition(blocks)
 
 
 @attrs.frozen(kw_only=True)
@@ -113,13 +112,11 @@ class RandomSubsetPartitioner:
         num_blocks: D, at least 1 and at most the number of parameter tensors.
         seed: the seed of the draw.
         redraw: draw a new partition at the start of every block-epoch.
-        max_block_params: split blocks larger than this (then there are more than ``num_blocks``).
     """
 
     num_blocks: int
     seed: int = attrs.field(default=0, validator=_int)
     redraw: bool = attrs.field(default=False, validator=_flag)
-    max_block_params: int | None = attrs.field(default=None, validator=_limit)
 
     def __attrs_post_init__(self) -> None:
         positive_int("num_blocks", self.num_blocks)
@@ -144,12 +141,9 @@ class RandomSubsetPartitioner:
             target = rank if rank < self.num_blocks else min(range(self.num_blocks), key=sizes.__getitem__)
             members[target].add(names[index])
             sizes[target] += params[names[index]].numel()
-        return _limited(Partition(
-            tuple(
-                Block(name=f"subset.{i}", param_names=[n for n in names if n in members[i]])
-                for i in range(self.num_blocks)
-            )
-        ), params, self.max_block_params)
+        return Partition(tuple(
+            Block(name=f"subset.{i}", param_names=[n for n in names if n in members[i]]) for i in range(self.num_blocks)
+        ))
 
 
 @attrs.frozen(kw_only=True)
@@ -163,12 +157,10 @@ class PerModulePartitioner:
         modules: class names (``"Linear"``, ``"LlamaMLP"``) or classes to match.
         rest: what to do with parameters in no matched module: ``"block"`` puts them in one last
             block named ``rest``; ``"freeze"`` leaves them frozen.
-        max_block_params: split blocks larger than this many elements (default: no limit).
     """
 
     modules: tuple[str | type, ...] = attrs.field(converter=lambda v: (v,) if isinstance(v, (str, type)) else tuple(v))
     rest: str = "block"
-    max_block_params: int | None = attrs.field(default=None, validator=_limit)
 
     def __attrs_post_init__(self) -> None:
         if not self.modules:
@@ -210,7 +202,7 @@ class PerModulePartitioner:
         rest = [n for n in names if n not in assigned]
         if rest and self.rest == "block":
             blocks.append(Block(name="rest", param_names=rest))
-        return _limited(Partition(blocks), params, self.max_block_params)
+        return Partition(blocks)
 
 
 @attrs.frozen(kw_only=True)
@@ -222,11 +214,9 @@ class ExplicitPartitioner:
             of such lists (blocks then are named ``block.0`` ...). Every trainable parameter must match exactly one
             block, and every pattern must match something; freeze what you do not want trained
             (``requires_grad=False``) before building the optimizer.
-        max_block_params: split blocks larger than this many elements (default: no limit).
     """
 
     blocks: Mapping[str, Sequence[str]] | Sequence[Sequence[str]] = attrs.field()
-    max_block_params: int | None = attrs.field(default=None, validator=_limit)
     dynamic = False
 
     @blocks.validator
@@ -280,10 +270,10 @@ class ExplicitPartitioner:
             )
         # Parameters keep model order inside a block, whatever the order of the patterns.
         order = {n: i for i, n in enumerate(names)}
-        return _limited(Partition(
-            tuple(Block(name=b, param_names=sorted(m, key=lambda e: (order[parse_entry(e)[0]], parse_entry(e)[1] or ())))
-                  for b, m in members.items())
-        ), params, self.max_block_params)
+        return Partition(tuple(
+            Block(name=b, param_names=sorted(m, key=lambda e: (order[parse_entry(e)[0]], parse_entry(e)[1] or ())))
+            for b, m in members.items()
+        ))
 
 
 @hookimpl
