@@ -12,13 +12,23 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def is_int(value: Any, low: int | None = None, high: int | None = None) -> bool:
+    """Whether ``value`` is an integer (``bool`` is not) from ``low`` to ``high`` (either end open when None).
+
+    The predicate the checks below are made of, for callers whose error names more than a label
+    (a state-dict key, a block range).
+    """
+    return (isinstance(value, int) and not isinstance(value, bool)
+            and (low is None or value >= low) and (high is None or value <= high))
+
+
 def integer(label: str, value: Any) -> int:
     """``value`` if it is an integer (``bool`` is not accepted).
 
     Raises:
         ValueError: naming ``label``, the value received and what is accepted.
     """
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         raise ValueError(f"Invalid {label}: {value!r}; accepted: an integer.")
     return value
 
@@ -29,7 +39,7 @@ def positive_int(label: str, value: Any) -> int:
     Raises:
         ValueError: naming ``label``, the value received and what is accepted.
     """
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value, 1):
         raise ValueError(f"Invalid {label}: {value!r}; accepted: an integer >= 1.")
     return value
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from bcd import plugins
 from bcd.blocks import Partition
+from bcd.checks import is_int
 
 
 @runtime_checkable
@@ -75,7 +76,7 @@ def block_limit(partitioner: Any, name: str, partition: Partition, params: Mappi
     if method is None:
         return None
     limit = method(partition, params)
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+    if not is_int(limit, 1):
         raise ValueError(f"Invalid block_limit from partitioner {name!r}: {limit!r}; accepted: an integer >= 1.")
     return limit
 

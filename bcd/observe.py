@@ -25,7 +25,7 @@ from typing import Any
 import attrs
 import torch
 
-from bcd.checks import is_number
+from bcd.checks import is_int, is_number
 from bcd.distributed import sharded
 
 OBSERVED_KEYS = ("grad_norm", "visits", "running", "running_steps")
@@ -135,14 +135,14 @@ class Observations:
                 v is None or finite(v) for v in grad_norm):
             _fail(f"grad_norm is {grad_norm!r:.80}; accepted: {num_blocks} values, each None or a finite number >= 0.")
         if not isinstance(visits, (list, tuple)) or len(visits) != num_blocks or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in visits):
+                is_int(v, 0) for v in visits):
             _fail(f"visits is {visits!r:.80}; accepted: {num_blocks} integers >= 0.")
         if any((g is None) != (v == 0) for g, v in zip(grad_norm, visits)):
             _fail(f"grad_norm {grad_norm!r:.80} and visits {visits!r:.80} disagree; accepted: None exactly where visits is 0.")
         if not finite(state["running"]):
             _fail(f"running is {state['running']!r}; accepted: a finite number >= 0.")
         steps = state["running_steps"]
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 0 <= steps < switch_every:
+        if not is_int(steps, 0, switch_every - 1):
             _fail(f"running_steps is {steps!r}; accepted: 0 ... {switch_every - 1} (switch_every={switch_every}).")
         return cls(grad_norm=[None if g is None else float(g) for g in grad_norm], visits=visits,
                    running=float(state["running"]), running_steps=steps)

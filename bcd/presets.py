@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from bcd.checks import is_int
+
 # Shapes of common models, from their published config.json files.
 PRESETS: dict[str, dict[str, Any]] = {
     "llama-2-7b": {
@@ -141,7 +143,7 @@ def check_shape(config: Any, source: str) -> None:
     """
     for name in SHAPE_FIELDS:
         value = getattr(config, name, None) if name in config.to_dict() else None
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= LARGEST_SIZE):
+        if value is not None and not is_int(value, 1, LARGEST_SIZE):
             raise ValueError(f"Invalid config {source!r}: {name}={value!r:.40}; accepted: an integer from 1 to 2**24.")
     hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
     kv = getattr(config, "num_key_value_heads", None)

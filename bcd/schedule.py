@@ -24,7 +24,7 @@ from typing import Any
 import attrs
 import torch
 
-from bcd.checks import positive_int
+from bcd.checks import is_int, positive_int
 from bcd.contracts import Ordering, options_of
 from bcd.observe import Observations, observes
 
@@ -33,7 +33,7 @@ SCHEDULE_KEYS = ("block_epoch", "position", "order", "step_in_block", "global_st
 
 def _indices(order: Any, num_blocks: int) -> bool:
     """Whether ``order`` is a non-empty sequence of block indices ``0 ... num_blocks - 1`` (ints, not bools)."""
-    return bool(order) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_blocks for i in order)
+    return bool(order) and all(is_int(i, 0, num_blocks - 1) for i in order)
 
 
 def order_for(ordering: Ordering, num_blocks: int, epoch: int, observed: Observations | None = None) -> tuple[int, ...]:
@@ -59,7 +59,7 @@ def order_for(ordering: Ordering, num_blocks: int, epoch: int, observed: Observa
 
 def _index(value: Any) -> Any:
     """An integer index as an int (numpy's too, through ``__index__``); anything else as it is, for the check to refuse."""
-    if isinstance(value, bool) or isinstance(value, int):
+    if isinstance(value, int):  # bools too: the check refuses them
         return value
     try:
         return operator.index(value)
@@ -68,7 +68,7 @@ def _index(value: Any) -> Any:
 
 
 def _natural(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not is_int(value, 0):
         raise ValueError(f"Invalid state dict: schedule.{key} is {value!r}; accepted: an integer >= 0.")
     return value
 

@@ -17,9 +17,10 @@ import attrs
 import torch
 
 from bcd.blocks import Partition, entry_shape, parse_entry
+from bcd.checks import is_int
 from bcd.contracts import options_of
-from bcd.groups import check_hyperparameters
 from bcd.cost import layout_or_none, needs_master
+from bcd.groups import check_hyperparameters
 from bcd.schedule import BlockSchedule
 
 
@@ -163,7 +164,7 @@ def _check_solver_state(saved: Any, optimizer: Optimizing, groups: list[dict[str
                for layout in [layout_or_none(optimizer.composition.solver_factory, optimizer.composition.solver_options, g)]
                for _ in g["params"]]
     for key, entry in saved["state"].items():
-        if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < len(params) or not isinstance(entry, Mapping):
+        if not is_int(key, 0, len(params) - 1) or not isinstance(entry, Mapping):
             _fail(f"solver_state['state'] has entry {key!r}; accepted: parameter indices 0 ... {len(params) - 1} with dicts.")
         layout = layouts[key]
         if layout is not None and entry and not set(layout) <= set(entry):
@@ -238,7 +239,7 @@ def check(saved: Any, optimizer: Optimizing) -> Restore:
         if saved[key] != mine:
             _fail(f"saved with {key}={saved[key]!r}, this optimizer has {mine!r}.")
     epoch = saved["schedule"].get("block_epoch") if isinstance(saved["schedule"], Mapping) else None
-    if optimizer.composition.partitioner.dynamic and isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 0:
+    if optimizer.composition.partitioner.dynamic and is_int(epoch, 0):
         partition = optimizer.partition_for(epoch)
     else:  # a bad epoch is refused by the schedule below
         partition = optimizer.partition
@@ -286,7 +287,7 @@ def check(saved: Any, optimizer: Optimizing) -> Restore:
         _fail(f"solver_state is None at step {schedule.step_in_block} of a visit; accepted: the solver state saved "
               "mid-visit (None only at a visit's first step, step_in_block 0).")
     switches = saved.get("switches", 0)  # absent from dicts saved before it was counted
-    if isinstance(switches, bool) or not isinstance(switches, int) or switches < 0:
+    if not is_int(switches, 0):
         _fail(f"switches is {switches!r}; accepted: an integer >= 0.")
     return Restore(schedule=schedule, partition=partition, group_hyperparameters=tuple(hyper),
                    solver_state=solver_state, master_copies=masters, switches=switches)

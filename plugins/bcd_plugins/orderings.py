@@ -16,12 +16,12 @@ from typing import ClassVar
 import attrs
 import torch
 
-from bcd.checks import fraction, integer, validator
+from bcd.checks import fraction, integer, is_int, validator
 from bcd.hookspecs import hookimpl
 
 
 def _int_or_none(instance, attribute, value) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+    if value is not None and not is_int(value):
         raise ValueError(f"Invalid {attribute.name}: {value!r}; accepted: an integer" +
                          (" (a block index) or a block name." if attribute.name == "start_block" else "."))
 
@@ -30,7 +30,7 @@ _int = validator(integer)
 
 
 def _check_start(start_block: int, num_blocks: int) -> None:
-    if isinstance(start_block, bool) or not isinstance(start_block, int) or not 0 <= start_block < num_blocks:
+    if not is_int(start_block, 0, num_blocks - 1):
         raise ValueError(f"Invalid start_block: {start_block!r}; accepted: a block index 0 ... {num_blocks - 1} or a block name.")
 
 
