@@ -35,11 +35,12 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-# Lab modules, loaded on first use: `import bcd` loads the library alone (torch, pluggy, attrs).
-_LAZY = ("memory", "testing")
+# Loaded on first use: `import bcd` loads the library alone (torch, pluggy, attrs). bcd.memory is
+# the lab's estimate and measurement (bcd.lab.memory, it needs the lab extra).
+_LAZY = {"memory": "bcd.lab.memory", "testing": "bcd.testing"}
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return importlib.import_module(f"bcd.{name}")
+        return importlib.import_module(_LAZY[name])
     raise AttributeError(f"module 'bcd' has no attribute {name!r}")

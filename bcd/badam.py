@@ -91,22 +91,14 @@ class BAdam(BlockCoordinateOptimizer):
     - ``betas=(0.9, 0.999)``, ``eps=1e-8``: Adam's standard values, which Algorithm 1 uses.
     - ``weight_decay=0.0``: Algorithm 1 is plain Adam. A value you set is used exactly, with
       decoupled (AdamW) decay; with 0 the update is Adam's.
-    - ``lr=1e-5``: a typical full-parameter fine-tuning rate; tune it. Measured on a pretrained
-      encoder (docs/benchmarks.md, "Quality"), BAdam wanted about 4x the rate that suited AdamW
-      at a constant rate (3x under a linear decay, 2x with the expansion over every block).
-
-    Fine-tuning a pretrained model on a small labelled set for a few hundred steps, the measured
-    recommendation is K = steps / (3D), ``include_embedding=False``, ``order="importance"``
-    and, on one process, :func:`bcd.landscape_expansion` with ``scale=0.25, reach="all"`` at
-    ``lr`` = 2x AdamW's (4x AdamW's without the expansion): with it BAdam ended within 1.0 point
-    of AdamW and ahead of LoRA on both tasks measured in fp32 (docs/user-guide.md, "Learning rate
-    and K"; docs/benchmarks.md, "Quality"). On a bf16 model the expansion rounds its steps
-    stochastically; its quality there is not measured yet.
+    - ``lr=1e-5``: a typical full-parameter fine-tuning rate; tune it. BAdam wants a larger rate
+      than AdamW on the same run (docs/benchmarks.md, "Quality", has the sweeps).
 
     What to write (docs/user-guide.md, "What to write"): a bf16 LLM on one GPU,
     ``BAdam(model, lr=..., switch_every="auto", total_steps=steps, expansion="all")``; on several
     GPUs the same without ``expansion``; a small pretrained classifier adds
-    ``include_embedding=False, order="importance"``. Only the last is measured (in fp32).
+    ``include_embedding=False, order="importance"``. What each was measured at, and where it was
+    not, is in docs/benchmarks.md.
 
     Args:
         model: the model, ideally in bf16 (fp32 master copies then exist for the active block only).

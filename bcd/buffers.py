@@ -17,7 +17,7 @@ import torch
 from bcd.cost import PREFILLED, solver_layout
 from bcd.distributed import sharded
 
-#: The kinds of buffer, and the :func:`bcd.measure.measure` category each one counts in.
+#: The kinds of buffer, and the :func:`bcd.lab.measure.measure` category each one counts in.
 KINDS = {"masters": "master_copies", "gradient": "gradients", "moments": "solver_state"}
 
 
@@ -44,7 +44,7 @@ class Buffers:
         return flat[:numel]
 
     def by_category(self) -> dict[str, list[torch.Tensor]]:
-        """The buffers held, by :func:`bcd.measure.measure` category."""
+        """The buffers held, by :func:`bcd.lab.measure.measure` category."""
         held: dict[str, list[torch.Tensor]] = {}
         for (kind, _), flat in self.flat.items():
             held.setdefault(KINDS[kind], []).append(flat)

@@ -195,8 +195,8 @@ def fast_kernels(factory: Callable[..., Any], options: dict[str, Any], candidate
     """``options`` with ``fused=True`` for torch's Adam and AdamW, unless the user chose ``fused`` or ``foreach``.
 
     Only where every candidate is a plain (not sharded) floating-point tensor on the CPU or a CUDA
-    device, where torch has fused kernels: on this project's CPU the fused AdamW step is about 5x
-    the default single-tensor loop's speed, with the same arithmetic.
+    device, where torch has fused kernels: the same arithmetic in fewer passes over memory
+    (``tools/bench_step.py`` measures the gain).
     """
     base = factory.func if isinstance(factory, functools.partial) else factory
     chosen = set(options) | set(getattr(factory, "keywords", None) or {})

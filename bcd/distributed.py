@@ -234,7 +234,7 @@ def check_gradients_agree(params: Iterable[torch.Tensor], block: str) -> None:
             "and the replicas would drift apart. Nothing was updated. Accepted: wrap the model in "
             "DistributedDataParallel(model, find_unused_parameters=True) or FSDP2 (fully_shard) before its first "
             "forward, pass data_parallel=True, or train with the Trainer / accelerate, which wrap it (but the "
-            "Trainer (transformers 5.23) trains without DDP after a trainer.evaluate() before trainer.train())."
+            "Trainer trains without DDP after a trainer.evaluate() before trainer.train())."
         )
 
 

@@ -17,7 +17,7 @@ from rich.table import Table
 from transformers import BertConfig, BertForSequenceClassification
 
 import bcd
-from bcd.memory import format_size, measure
+from bcd.lab.memory import format_size, measure
 
 VOCAB, LENGTH = 64, 16
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 import bcd
-from bcd.presets import tiny_llama
+from bcd.lab.presets import tiny_llama
 from bcd import distributed
 
 

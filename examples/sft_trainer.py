@@ -16,9 +16,9 @@ import argparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-from bcd.finetune import IGNORE_INDEX, format_prompt, load_instructions, tokenize, train_tokenizer
-from bcd.presets import tiny_llama
-from bcd.integrations.transformers import attach, badam_from_training_args
+from bcd.lab.finetune import IGNORE_INDEX, format_prompt, load_instructions, tokenize, train_tokenizer
+from bcd.lab.presets import tiny_llama
+from bcd.lab.integrations.transformers import attach, badam_from_training_args
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 import bcd
-from bcd.presets import tiny_llama
+from bcd.lab.presets import tiny_llama
 
 
 def sentences(count: int, seed: int) -> list[str]:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from bcd import presets
+from bcd.lab import presets
 
 VOCAB = 64
 

@@ -1,12 +1,59 @@
-"""The floor plan: no module reads another object's private members, and no import cycle."""
+"""The floor plan: docs/architecture.md is the code's, the library does not lean on the lab, no
+module reads another object's private members, no import cycle, no module past its size."""
 
 from __future__ import annotations
 
 import ast
+import re
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted((ROOT / "bcd").rglob("*.py")) + sorted((ROOT / "plugins").rglob("*.py"))
+sys.path.insert(0, str(ROOT / "tools"))
+import architecture  # noqa: E402 - tools/ is not a package
+
+
+def test_the_documented_graph_is_the_codes():
+    documented = architecture.section(architecture.DOC.read_text())
+    assert documented == architecture.mermaid(), "docs/architecture.md is stale: python tools/architecture.py --write"
+
+
+def test_every_module_has_one_row_in_what_each_module_owns_and_every_row_a_module():
+    table = architecture.DOC.read_text().split("## What each module owns", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([^`]+)` \|", table, flags=re.M)
+    labels = [architecture.label(name) for name in architecture.modules()]
+    assert sorted(rows) == sorted(labels)
+
+
+def test_the_library_imports_nothing_from_the_lab_and_the_lab_lives_in_its_folder():
+    graph = architecture.graph()
+    leaning = {m: sorted(t for t in targets if architecture.group_of(t) == "lab")
+               for m, targets in graph.items() if architecture.group_of(m) != "lab"}
+    assert not {m: t for m, t in leaning.items() if t}
+    lab_packages = ("transformers", "accelerate", "datasets", "tensorboard", "rich", "matplotlib", "tokenizers")
+    outside = [str(p.relative_to(ROOT)) for p in SOURCES if not p.is_relative_to(ROOT / "bcd" / "lab")
+               and any(m.split(".")[0] in lab_packages for m in _third_party(p))]
+    assert not outside, f"lab packages imported outside bcd/lab/: {outside}"
+
+
+def test_no_module_is_past_its_size():
+    """One idea per module: at most 350 lines; the optimizer class, the wiring, under 250."""
+    long = {str(p.relative_to(ROOT)): n for p in SOURCES if (n := len(p.read_text().splitlines())) > 350}
+    assert not long
+    source = (ROOT / "bcd" / "optimizer.py").read_text()
+    cls = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == "BlockCoordinateOptimizer")
+    assert cls.end_lineno - cls.lineno + 1 < 250
+
+
+def _third_party(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return names
 
 
 def test_no_module_reads_another_objects_private_members():
@@ -20,23 +67,8 @@ def test_no_module_reads_another_objects_private_members():
     assert not found, found
 
 
-def _imports(path: Path) -> set[str]:
-    """The bcd modules ``path`` imports, at run time or for type checking alike."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "bcd":
-            names.add(node.module)
-            names.update(f"{node.module}.{a.name}" for a in node.names)
-        elif isinstance(node, ast.Import):
-            names.update(a.name for a in node.names if a.name.split(".")[0] == "bcd")
-    return names
-
-
 def test_the_bcd_package_has_no_import_cycle():
-    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
-               for p in sorted((ROOT / "bcd").rglob("*.py"))}
-    graph = {name: {m for m in _imports(path) if m in modules and m != name and m != "bcd"}
-             for name, path in modules.items() if name != "bcd"}
+    graph = architecture.graph()
     state: dict[str, str] = {}
 
     def visit(node: str, trail: list[str]) -> None:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from bcd.cli import main
+from bcd.lab.cli import main
 
 
 def test_plugins_lists_builtins_with_their_package(capsys):
@@ -31,14 +31,14 @@ def test_plugins_table_through_the_console_script():
 
 
 def test_help_names_every_command():
-    result = subprocess.run([sys.executable, "-m", "bcd.cli", "--help"], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-m", "bcd.lab.cli", "--help"], capture_output=True, text=True, check=True)
     assert "plugins" in result.stdout
 
 
 def test_every_flag_of_every_command_has_help():
     import argparse
 
-    from bcd.cli import build_parser
+    from bcd.lab.cli import build_parser
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

@@ -28,7 +28,7 @@ for step in range(len(optimizer.blocks)):
     optimizer.zero_grad()
 assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before)), "a block was not trained"
 assert not any(m.split(".")[0] in {LAB!r} for m in sys.modules)
-from bcd.cli import main
+from bcd.lab.cli import main
 assert main(["plugins"]) == 2
 print("trained", len(optimizer.blocks), "blocks")
 '''

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import bcd
-from bcd import memory
+from bcd.lab import memory
 
 from conftest import tiny_llama
 

@@ -205,7 +205,7 @@ def trainer_run(out: str, world: int, resume: bool = False, **overrides: Any) ->
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
-    from bcd.integrations.transformers import badam_from_training_args
+    from bcd.lab.integrations.transformers import badam_from_training_args
 
     ids = torch.cat(batches(STEPS)).tolist()  # equal lengths: the mean over ranks is the global mean
     args = TrainingArguments(

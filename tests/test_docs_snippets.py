@@ -3,7 +3,7 @@
 The rules that make a snippet runnable here are mechanical, and these are all of them:
 
 - **Python** snippets run one by one, each in a fresh namespace that already holds ``torch``,
-  ``bcd``, ``model`` (a bf16 tiny Llama from :func:`bcd.presets.tiny_llama`), ``optimizer``
+  ``bcd``, ``model`` (a bf16 tiny Llama from :func:`bcd.lab.presets.tiny_llama`), ``optimizer``
   (``bcd.BAdam`` over it), ``loader`` (a ``DataLoader`` of ``input_ids``/``labels`` batches),
   ``data`` (a ``datasets.Dataset`` of the same) and ``rank = 0``, with ``examples/bcd-halves`` on
   ``sys.path``; a hub name in :data:`HUB` is replaced by a tiny model saved locally.
@@ -63,8 +63,8 @@ def commands(code: str) -> list[str]:
 @pytest.fixture(scope="module")
 def local(tmp_path_factory):
     """The tiny model, config and data that stand in for hub names and placeholder paths."""
-    from bcd.finetune import train_tokenizer
-    from bcd.presets import tiny_llama, tiny_llama_config
+    from bcd.lab.finetune import train_tokenizer
+    from bcd.lab.presets import tiny_llama, tiny_llama_config
 
     folder = tmp_path_factory.mktemp("docs")
     rows = [{"instruction": "Echo the word.", "input": w, "output": w} for w in ["alpha", "beta", "gamma"] * 4]
@@ -82,7 +82,7 @@ def namespace() -> dict:
     import datasets
 
     import bcd
-    from bcd.presets import tiny_llama
+    from bcd.lab.presets import tiny_llama
 
     torch.manual_seed(0)
     model = tiny_llama(layers=2, hidden=32, dtype=torch.bfloat16)

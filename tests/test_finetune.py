@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from bcd.cli import main
-from bcd.finetune import IGNORE_INDEX, format_prompt, load_instructions, tokenize, train_tokenizer
-from bcd.integrations.transformers import ShortRunWarning
-from bcd.presets import tiny_llama
+from bcd.lab.cli import main
+from bcd.lab.finetune import IGNORE_INDEX, format_prompt, load_instructions, tokenize, train_tokenizer
+from bcd.lab.integrations.transformers import ShortRunWarning
+from bcd.lab.presets import tiny_llama
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -83,7 +83,7 @@ def test_finetune_with_a_local_model_directory_and_dataset(tmp_path, capsys):
 
 
 def test_finetune_demo_defaults_learn(tmp_path):
-    from bcd.finetune import finetune
+    from bcd.lab.finetune import finetune
 
     summary = finetune(output_dir=str(tmp_path), max_steps=60, switch_every=5, progress=False)
     assert summary.loss_after < summary.loss_before - 1.0
@@ -93,7 +93,7 @@ def test_finetune_demo_defaults_learn(tmp_path):
 
 
 def test_finetune_refuses_bad_numbers():
-    from bcd.finetune import finetune
+    from bcd.lab.finetune import finetune
 
     with pytest.raises(ValueError, match=r"Invalid max_steps: 0; accepted: an integer >= 1"):
         finetune(max_steps=0)

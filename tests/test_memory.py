@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import bcd
-from bcd import memory
+from bcd.lab import memory
 from bcd.blocks import entry_numel
-from bcd.cli import main
-from bcd.presets import PRESETS, build_model, load_config
+from bcd.lab.cli import main
+from bcd.lab.presets import PRESETS, build_model, load_config
 
 from conftest import CASES, MLP
 
@@ -175,7 +175,7 @@ def test_tensorboard_memory_logger(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter
 
-    from bcd.integrations.tensorboard import attach_memory_logger
+    from bcd.lab.integrations.tensorboard import attach_memory_logger
 
     case = CASES["llama"]
     model = case.model(dtype=torch.bfloat16)
@@ -214,7 +214,7 @@ def test_cli_world_size(capsys):
     assert report["methods"][0]["breakdown"]["weights"] == 6738415616
 
 
-@pytest.mark.parametrize("preset", sorted(__import__("bcd.presets", fromlist=["PRESETS"]).PRESETS))
+@pytest.mark.parametrize("preset", sorted(__import__("bcd.lab.presets", fromlist=["PRESETS"]).PRESETS))
 def test_every_preset_prints_a_full_table_with_default_flags(preset, capsys):
     assert main(["memory", "--preset", preset]) == 0
     out = capsys.readouterr().out

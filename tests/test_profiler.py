@@ -9,9 +9,9 @@ import jsonschema
 import pytest
 import torch
 
-from bcd import profiler
-from bcd.cli import main
-from bcd.presets import build_model, load_config
+from bcd.lab import profiler
+from bcd.lab.cli import main
+from bcd.lab.presets import build_model, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,7 @@ def test_json_follows_the_documented_schema_and_csv_plot_tensorboard(tmp_path, c
 
 
 def test_schema_rejects_a_broken_document(tiny_profile):
-    from bcd import profile_report
+    from bcd.lab import profile_report
 
     document = profile_report.to_dict(tiny_profile)
     schema = json.loads((ROOT / "docs" / "profile.schema.json").read_text())
@@ -113,8 +113,8 @@ def test_profile_refuses_bad_batch():
 def test_repeats_that_disagree_are_warned_about(tiny_profile):
     import attrs
 
-    from bcd import profile_report
-    from bcd.profiler import Timing
+    from bcd.lab import profile_report
+    from bcd.lab.profiler import Timing
 
     steady = attrs.evolve(tiny_profile, blocks=tuple(
         attrs.evolve(b, forward_time=Timing(median=1.0, min=1.0, max=1.5),

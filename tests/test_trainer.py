@@ -8,7 +8,7 @@ from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
 import bcd
-from bcd.integrations.transformers import (ShortRunWarning, _unwrap, BlockCoordinateCallback, attach,
+from bcd.lab.integrations.transformers import (ShortRunWarning, _unwrap, BlockCoordinateCallback, attach,
                                           badam_from_training_args)
 
 from conftest import tiny_llama

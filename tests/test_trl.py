@@ -8,9 +8,9 @@ import torch
 trl = pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
 
-from bcd.finetune import train_tokenizer  # noqa: E402
-from bcd.integrations.transformers import _unwrap, attach, badam_from_training_args  # noqa: E402
-from bcd.presets import tiny_llama  # noqa: E402
+from bcd.lab.finetune import train_tokenizer  # noqa: E402
+from bcd.lab.integrations.transformers import _unwrap, attach, badam_from_training_args  # noqa: E402
+from bcd.lab.presets import tiny_llama  # noqa: E402
 
 TEXTS = [f"{a} plus {b} is {a + b}." for a in range(12) for b in range(4)]
 

@@ -22,7 +22,7 @@ from torch import nn
 import bcd
 from bcd.testing import free_port
 from benchlib import ms, spread
-from bcd.presets import tiny_llama
+from bcd.lab.presets import tiny_llama
 
 
 def run(rank: int, world: int, port: int, args: argparse.Namespace, results) -> None:

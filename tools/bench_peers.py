@@ -49,7 +49,7 @@ def corpus(kind: str) -> str:
     bundled demo instructions in the Alpaca prompt template."""
     if kind == "c4" and SHARED_C4.is_file():
         return " ".join(json.loads(line)["text"] for line in SHARED_C4.read_text().splitlines())
-    from bcd.finetune import format_prompt, load_instructions
+    from bcd.lab.finetune import format_prompt, load_instructions
 
     return "\n\n".join(format_prompt(e) + e["output"] for e in load_instructions())
 
@@ -69,7 +69,7 @@ def batches(steps: int, batch: int, seq: int, kind: str = "c4"):
 def build_model(size: str, dtype):
     import torch
 
-    from bcd.presets import tiny_llama
+    from bcd.lab.presets import tiny_llama
 
     hidden, layers, mlp = SIZES[size]
     heads = max(2, hidden // 128)
@@ -83,7 +83,7 @@ def worker(method: str, size: str, steps: int, warmup: int, batch: int, seq: int
     import torch
 
     import bcd
-    from bcd.memory import measure
+    from bcd.lab.memory import measure
 
     amp = method == "adamw"
     model = build_model(size, torch.float32 if amp else torch.bfloat16)
@@ -361,7 +361,7 @@ def main() -> None:
                args.data, args.init, args.save)
         return
 
-    from bcd.memory import parse_size
+    from bcd.lab.memory import parse_size
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,7 @@ import torch
 from benchlib import environment, markdown_table, print_table, spread
 
 import bcd
-from bcd.memory import measure
+from bcd.lab.memory import measure
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TASKS = ("subj", "cr")

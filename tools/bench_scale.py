@@ -35,7 +35,7 @@ SHAPES = {"small": None, "llama-2-7b": "llama-2-7b", "llama-3-8b": "llama-3-8b"}
 
 
 def load_shape(shape: str):
-    from bcd.presets import load_config, tiny_llama_config
+    from bcd.lab.presets import load_config, tiny_llama_config
     from transformers import LlamaConfig
 
     if shape == "small":
@@ -45,7 +45,7 @@ def load_shape(shape: str):
 
 def materialise(shape: str, device: str) -> torch.nn.Module:
     """The model on ``device`` in bf16 with random weights, never holding an fp32 copy."""
-    from bcd.presets import build_model
+    from bcd.lab.presets import build_model
 
     config = load_shape(shape)
     model = build_model(config, dtype=torch.bfloat16, device="meta").to_empty(device=device)
@@ -107,8 +107,8 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 def predicted(shape: str) -> dict:
-    from bcd import memory
-    from bcd.presets import build_model
+    from bcd.lab import memory
+    from bcd.lab.presets import build_model
 
     estimate = memory.estimate(build_model(load_shape(shape)), methods=["badam"]).method("badam")
     return {"total": estimate.breakdown.total, "weights": estimate.breakdown.weights,

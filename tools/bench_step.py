@@ -20,7 +20,7 @@ import torch
 from benchlib import Stopwatch, environment, ms, print_table, spread
 
 import bcd
-from bcd.presets import tiny_llama
+from bcd.lab.presets import tiny_llama
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:

@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 import torch
-from bcd.presets import tiny_llama
+from bcd.lab.presets import tiny_llama
 
 DEMO_DATA = Path(__file__).parent / "data" / "demo_instructions.jsonl"
 IGNORE_INDEX = -100  # label id that the loss skips
@@ -198,9 +198,10 @@ def finetune(
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
     from transformers.integrations import TensorBoardCallback
 
-    from bcd import memory, plugins
+    from bcd import plugins
+    from bcd.lab import memory
     from bcd.checks import positive_int
-    from bcd.integrations.transformers import attach, badam_from_training_args
+    from bcd.lab.integrations.transformers import attach, badam_from_training_args
 
     for label, value in (("max_steps", max_steps), ("batch_size", batch_size), ("max_length", max_length)):
         positive_int(label, value)

@@ -66,7 +66,7 @@ def _existing(text: str) -> str:
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    from bcd.presets import DTYPES, PRESETS
+    from bcd.lab.presets import DTYPES, PRESETS
 
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--preset", choices=list(PRESETS), metavar="NAME", help=f"a named model shape: {', '.join(PRESETS)}")
@@ -86,7 +86,7 @@ LAB = ("rich", "transformers", "datasets", "accelerate", "matplotlib", "tensorbo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bcd import commands
+    from bcd.lab import commands
 
     parser = _Parser(
         prog="bcd",

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from bcd.memory import measure
+from bcd.lab.memory import measure
 
 MB = 1e6
 

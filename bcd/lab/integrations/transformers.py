@@ -24,7 +24,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from bcd.badam import BAdam
-from bcd.memory import measure
+from bcd.lab.memory import measure
 from bcd.optimizer import BlockCoordinateOptimizer
 
 MB = 1e6

@@ -1,4 +1,4 @@
-"""Ways to show a :class:`bcd.profiler.Profile`: table, summary, JSON, CSV, plot, TensorBoard."""
+"""Ways to show a :class:`bcd.lab.profiler.Profile`: table, summary, JSON, CSV, plot, TensorBoard."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import attrs
 from rich.table import Table
 
-from bcd.profiler import BlockProfile, Profile
+from bcd.lab.profiler import BlockProfile, Profile
 
 
 def _rows(result: Profile) -> list[BlockProfile]:

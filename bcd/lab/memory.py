@@ -31,7 +31,7 @@ from torch import nn
 from bcd import plugins
 from bcd.checks import positive_int
 from bcd.construction import resolve_partition
-from bcd.measure import Breakdown, LiveMemory, measure
+from bcd.lab.measure import Breakdown, LiveMemory, measure
 from bcd.blocks import block_numel, parse_entry
 from bcd.cost import SolverLayout, block_bytes, plan_buffers, solver_layout
 

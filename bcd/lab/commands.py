@@ -1,4 +1,4 @@
-"""What each ``bcd`` command does, once :mod:`bcd.cli` has parsed and checked its flags."""
+"""What each ``bcd`` command does, once :mod:`bcd.lab.cli` has parsed and checked its flags."""
 
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ def _options(pairs: Sequence[str] | None, flag: str) -> dict:
 
 
 def run_memory(args: argparse.Namespace) -> int:
-    from bcd import memory
-    from bcd.presets import build_model, load_config, parse_dtype
+    from bcd.lab import memory
+    from bcd.lab.presets import build_model, load_config, parse_dtype
 
     methods = list(memory.METHODS) if args.method == "all" else [args.method]
     budget = memory.parse_size(args.budget) if args.budget is not None else None
@@ -118,8 +118,8 @@ def run_plugins(args: argparse.Namespace) -> int:
 def run_profile(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
-    from bcd import profiler
-    from bcd.presets import build_model, load_config, parse_dtype
+    from bcd.lab import profiler
+    from bcd.lab.presets import build_model, load_config, parse_dtype
 
     device = profiler.check_device(args.device)
     config = load_config(args.preset, args.config)
@@ -140,7 +140,7 @@ def run_profile(args: argparse.Namespace) -> int:
             repeats=args.repeats, warmup=args.warmup, use_checkpointing=args.checkpointing,
             progress=progress, name=args.preset or args.config,
         )
-    from bcd import profile_report
+    from bcd.lab import profile_report
 
     console.print(profile_report.table(result))
     console.print(profile_report.summary(result), highlight=False)
@@ -159,9 +159,9 @@ def run_profile(args: argparse.Namespace) -> int:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from bcd.finetune import finetune, perplexity
-    from bcd.memory import format_size
-    from bcd.presets import parse_dtype
+    from bcd.lab.finetune import finetune, perplexity
+    from bcd.lab.memory import format_size
+    from bcd.lab.presets import parse_dtype
 
     plugins.lookup("ordering", args.order)  # an unknown name is refused before any data is read
     console = Console(width=max(Console().width, 120))
