@@ -96,7 +96,8 @@ class BAdam(BlockCoordinateOptimizer):
 
     What to write (docs/user-guide.md, "What to write"): a bf16 LLM on one GPU,
     ``BAdam(model, lr=..., switch_every="auto", total_steps=steps, expansion="all")``; on several
-    GPUs the same without ``expansion``; a small pretrained classifier adds
+    GPUs the same with DDP or ``data_parallel=True`` (the expansion then steps from the averaged
+    gradient), without ``expansion`` on FSDP2; a small pretrained classifier adds
     ``include_embedding=False, order="importance"``. What each was measured at, and where it was
     not, is in docs/benchmarks.md.
 
@@ -119,7 +120,7 @@ class BAdam(BlockCoordinateOptimizer):
         data_parallel: average the active block's gradients across ranks (see :mod:`bcd.distributed`).
         total_steps: the run's optimizer steps; needed by ``switch_every="auto"``.
         expansion: ``None`` (default), ``"after"`` or ``"all"``: a :func:`bcd.landscape_expansion`
-            with that reach, kept as ``self.expansion`` (one process only).
+            with that reach, kept as ``self.expansion`` (not on FSDP2: sharded weights are not expanded).
         expansion_scale: its sign step as a multiple of the rate (default 0.25).
         **solver_options: further ``torch.optim.AdamW`` options (``foreach``, ``fused``, ``amsgrad``...);
             ``fused=True`` is the default on CPU and CUDA unless you pass ``fused`` or ``foreach``.
@@ -157,7 +158,7 @@ class BAdam(BlockCoordinateOptimizer):
         if switch_every == AUTO or total_steps is not None:
             switch_every = _resolve_switch_every(model, switch_every, total_steps, partitioner_options, max_block_params)
         if expansion is not None:  # checked before anything changes: a refused expansion leaves the model alone
-            check_expansion(expansion_scale, True, expansion, 0, data_parallel)
+            check_expansion(expansion_scale, True, expansion, 0)
         super().__init__(
             model,
             lr=lr,

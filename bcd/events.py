@@ -25,7 +25,9 @@ class BlockSwitch:
         position: the new block's position within that block-epoch's order.
         global_step: optimizer steps taken so far; the new block gets steps
             ``global_step ... global_step + K - 1``.
-        reason: ``"start"``, ``"switch"`` or ``"resume"``.
+        reason: ``"start"``, ``"switch"`` or ``"resume"``; ``"adopt"`` when a wrapper built after
+            the optimizer (DDP, FSDP2) ran its first forward: the parameters were re-read by name
+            and every block but the active one frozen (the same block, no new visit).
     """
 
     block: Block

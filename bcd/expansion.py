@@ -23,19 +23,28 @@ backward time and activation memory (LoRA's too); the solver state stays one blo
 fine-tune it is what brings the lower blocks, which the ``"after"`` reach leaves to their own
 visits, up to AdamW's pace (docs/benchmarks.md, "Quality").
 
-The steps skip what ``optimizer.step()`` does for the active block: weight decay, gradient
-clipping (the gradient is gone before ``clip_grad_norm_`` runs), and accumulation: with N
-micro-batches per step each takes its own step, so divide ``scale`` by N. Expanded tensors are
-stepped in place. A bf16/fp16 weight would lose every step smaller than half its spacing to
-rounding to nearest, so its step is computed in fp32 and stochastically rounded back
-(:mod:`bcd.rounding`): unbiased, no state, drawn from a generator seeded by ``seed``, the
-optimizer's global step and the tensor's index, so a resumed run draws the same. One process
-only: on several ranks the steps would need their gradients averaged first.
+On one process each step is taken as autograd accumulates the gradient, so at most one such
+gradient lives at a time. That skips gradient clipping (the gradient is gone before
+``clip_grad_norm_`` runs) and accumulation: with N micro-batches per step each takes its own step,
+so divide ``scale`` by N. On several ranks (``data_parallel=True``, or a model DDP wraps) a
+rank's own gradient would let the replicas drift apart, so the expansion keeps the gradients as
+the active block's are kept, and steps once per ``optimizer.step()``, after the block's step,
+from the gradient averaged over ranks (by DDP's buckets, or with ``data_parallel=True`` by one
+all-reduce per tensor as backward accumulates it, as the active block's): accumulation sums the micro-batches first and clipping scales what is
+stepped, as for the active block, at the cost of holding the expanded blocks' gradients (in the
+model's dtype) until the step. Decoupled weight decay applies as for the active block, at the
+group's rate: :math:`\theta_j \leftarrow \theta_j - \eta_j (s \operatorname{sign}(\nabla) + \lambda
+\theta_j)`. Expanded tensors are stepped in place. A bf16/fp16 weight would lose every step
+smaller than half its spacing to rounding to nearest, so its step is computed in fp32 and
+stochastically rounded back (:mod:`bcd.rounding`): unbiased, no state, drawn from a generator
+seeded by ``seed``, the optimizer's global step and the tensor's index, so a resumed run, and
+every rank, draws the same. FSDP2's sharded tensors are not expanded.
 """
 
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,11 +70,13 @@ class LandscapeExpansion:
     does too, at the next backward).
     """
 
-    def __init__(self, optimizer: BlockCoordinateOptimizer, scale: float, sign: bool, reach: str, seed: int) -> None:
+    def __init__(self, optimizer: BlockCoordinateOptimizer, scale: float, sign: bool, reach: str, seed: int,
+                 defer: bool | None = None) -> None:
         self.scale, self.sign, self.reach, self.seed = scale, sign, reach, seed
+        #: Step once per optimizer step from the (averaged, clipped) gradient, not as backward accumulates.
+        self.deferred = several_ranks(optimizer) if defer is None else defer
         self._optimizer = weakref.ref(optimizer)
-        self._group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-        self._index = {id(p): i for i, p in enumerate(optimizer.composition.candidates.values())}
+        self._read_parameters(optimizer)
         # Roundings of each tensor in the current optimizer step (several with accumulation).
         self._draws: dict[int, int] = {}
         self._draws_step = -1
@@ -74,36 +85,75 @@ class LandscapeExpansion:
         self._grad_hooks: list[RemovableHandle] = []
         # First in the chain: a user's hook that raises must not leave the new active block expanded.
         self._switch_hook = optimizer.register_block_switch_hook(self._on_switch, prepend=True)
+        # Deferred: the steps of an optimizer step that did not switch (a switch takes them in _on_switch).
+        self._post_step = optimizer.register_step_post_hook(self._after_step) if self.deferred else None
+        self._taken_at = -1
         self._on_switch(optimizer, None)
         _LIVE[optimizer] = self
 
+    def _read_parameters(self, optimizer: BlockCoordinateOptimizer) -> None:
+        """Each parameter's group and index, by object (read again when a wrapper replaced them)."""
+        self._group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        self._index = {id(p): i for i, p in enumerate(optimizer.candidates.values())}
+
     def _step(self, param: torch.Tensor) -> None:
-        """Spend ``param``'s freshly accumulated gradient on its step, then drop it."""
+        """One process: spend ``param``'s freshly accumulated gradient on its step, then drop it."""
         optimizer = self._optimizer()
         if optimizer is None or optimizer.closed:
             self.remove()
             return
-        rate = self._group_of[id(param)]["lr"] * self.scale
+        self._update(optimizer, param)
+
+    def _update(self, optimizer: BlockCoordinateOptimizer, param: torch.Tensor) -> None:
+        """Step ``param`` from its gradient (sign or SGD, weight decay, rounded), and drop the gradient."""
+        group = self._group_of[id(param)]
         if optimizer.global_step != self._draws_step:
             self._draws, self._draws_step = {}, optimizer.global_step
         draw = self._draws.get(id(param), 0)
         self._draws[id(param)] = draw + 1
         source = rounding.generator(self.seed, optimizer.global_step, self._index[id(param)], draw, param.device)
-        rounding.add_rounded_(param, param.grad.sign() if self.sign else param.grad, -rate, source)
+        direction = param.grad.sign() if self.sign else param.grad
+        decay = group.get("weight_decay", 0.0)
+        if decay:  # decoupled, as AdamW's: rate * (scale * direction + decay * weight)
+            direction = direction.float() + (decay / self.scale) * param.detach().float()
+        rounding.add_rounded_(param, direction, -group["lr"] * self.scale, source)
         param.grad = None
+
+    def _take_pending(self, optimizer: BlockCoordinateOptimizer) -> None:
+        """Deferred: step every expanded tensor that has a gradient (averaged over the ranks during backward)."""
+        self._taken_at = optimizer.global_step
+        pending = [p for p in self.expanded.values() if p.grad is not None]
+        with torch.no_grad():
+            for param in pending:
+                self._update(optimizer, param)
+
+    def _after_step(self, optimizer: BlockCoordinateOptimizer, args: Any, kwargs: Any) -> None:
+        if optimizer.closed:
+            self.remove()
+        elif self._taken_at != optimizer.global_step:
+            self._take_pending(optimizer)
 
     def _on_switch(self, optimizer: BlockCoordinateOptimizer, event: BlockSwitch | None) -> None:
         """Move the expansion to the blocks ``reach`` names around the block now active."""
+        if self.deferred and event is not None and event.reason == "switch":
+            self._take_pending(optimizer)  # this step's, before the expanded set moves
+        if event is not None and event.reason == "adopt":  # the wrapper froze what was expanded
+            self._read_parameters(optimizer)
+            self.expanded = {}
         active = set(optimizer.active_block.tensor_names)
         self._release(keep=active)
         index = optimizer.active_block_index
         reached = [b for i, b in enumerate(optimizer.blocks) if i > index or (self.reach == "all" and i < index)]
         names = dict.fromkeys(n for block in reached for n in block.tensor_names if n not in active)
-        candidates = optimizer.composition.candidates
+        candidates = optimizer.candidates
         self.expanded = {name: candidates[name] for name in names}
         for param in self.expanded.values():
             param.requires_grad_(True)
-            self._grad_hooks.append(param.register_post_accumulate_grad_hook(self._step))
+            if not self.deferred:
+                self._grad_hooks.append(param.register_post_accumulate_grad_hook(self._step))
+        if self.deferred and optimizer.data_parallel:
+            # Averaged as backward accumulates them, as the active block's are: clipping sees the mean.
+            self._grad_hooks.extend(distributed.gradient_sync_hooks(self.expanded.values()))
 
     def _release(self, keep: set[str] = frozenset()) -> None:
         """Freeze the expanded tensors (except those in ``keep``) and drop their hooks."""
@@ -117,6 +167,8 @@ class LandscapeExpansion:
     def remove(self) -> None:
         """Stop expanding: hooks removed, the expanded tensors frozen again (or, if the optimizer is closed, left trainable). Idempotent."""
         self._switch_hook.remove()
+        if self._post_step is not None:
+            self._post_step.remove()
         optimizer = self._optimizer()
         if optimizer is not None and _LIVE.get(optimizer) is self:
             del _LIVE[optimizer]
@@ -125,12 +177,12 @@ class LandscapeExpansion:
 
 
 def landscape_expansion(optimizer: BlockCoordinateOptimizer, scale: float, *, sign: bool = True,
-                        reach: str = "after", seed: int = 0) -> LandscapeExpansion:
+                        reach: str = "after", seed: int = 0, defer: bool | None = None) -> LandscapeExpansion:
     """Step the blocks after the active one too (or all of them), from the gradients backward computes.
 
     Args:
-        optimizer: a bcd optimizer on one process (fp32 parameters, or bf16/fp16 ones stepped with
-            stochastic rounding).
+        optimizer: a bcd optimizer (fp32 parameters, or bf16/fp16 ones stepped with stochastic
+            rounding), on one process or on several with ``data_parallel=True`` or a DDP wrapper.
         scale: the expansion's rate as a multiple of each tensor's group rate, > 0 (0.25 is the
             measured setting with ``sign=True``, docs/benchmarks.md "Quality").
         sign: a sign step (default); False takes a plain SGD step, ``rate * scale * gradient``.
@@ -138,6 +190,10 @@ def landscape_expansion(optimizer: BlockCoordinateOptimizer, scale: float, *, si
             backward crosses anyway; ``"all"`` every block but the active one, with backward
             through the whole model (its time and activation memory).
         seed: seeds the stochastic rounding of bf16/fp16 weights (with the step and the tensor).
+        defer: step at ``optimizer.step()`` from the kept gradients (accumulated, clipped, averaged
+            over ranks) rather than as backward produces each; None (default): on several ranks
+            only, where it is required. True on one process gives the several-rank semantics at
+            the cost of holding the expanded blocks' gradients.
 
     Returns:
         The :class:`LandscapeExpansion`; ``remove()`` stops it. It keeps no state, so after a
@@ -145,11 +201,16 @@ def landscape_expansion(optimizer: BlockCoordinateOptimizer, scale: float, *, si
 
     Raises:
         ValueError: a wrong optimizer, ``scale``, ``sign``, ``reach`` or ``seed``, a sharded parameter,
-            an optimizer over several ranks or one with an expansion already; nothing is changed.
+            or an optimizer with an expansion already; nothing is changed.
     """
     if not isinstance(optimizer, BlockCoordinateOptimizer):
         raise ValueError(f"Invalid optimizer: {type(optimizer).__name__}; accepted: a bcd.BlockCoordinateOptimizer.")
-    check_expansion(scale, sign, reach, seed, optimizer.data_parallel or optimizer.composition.awaiting_wrapper)
+    check_expansion(scale, sign, reach, seed)
+    if defer is not None:
+        flag("defer", defer)
+        if not defer and several_ranks(optimizer):
+            raise ValueError("Invalid defer: False on several ranks; accepted: None or True there (each rank's own "
+                             "gradient would let the replicas drift apart).")
     if optimizer.closed:
         raise ValueError("Invalid optimizer: it is closed; accepted: the optimizer that drives the model now.")
     if optimizer in _LIVE:
@@ -160,14 +221,19 @@ def landscape_expansion(optimizer: BlockCoordinateOptimizer, scale: float, *, si
             raise ValueError(
                 f"Invalid parameter for landscape expansion: {name} is sharded; accepted: whole tensors on one "
                 "process, which the expansion steps in place.")
-    return LandscapeExpansion(optimizer, scale, sign, reach, seed)
+    return LandscapeExpansion(optimizer, scale, sign, reach, seed, defer)
 
 
-def check_expansion(scale: float, sign: bool, reach: str, seed: int, several_ranks: bool) -> None:
+def several_ranks(optimizer: BlockCoordinateOptimizer) -> bool:
+    """Whether ``optimizer`` trains on several ranks, so that each rank's gradient must be averaged first."""
+    return optimizer.data_parallel or optimizer.composition.awaiting_wrapper or distributed.world_size() > 1
+
+
+def check_expansion(scale: float, sign: bool, reach: str, seed: int) -> None:
     """The checks of :func:`landscape_expansion` that need no optimizer (``bcd.BAdam`` runs them before building one).
 
     Raises:
-        ValueError: a wrong ``scale``, ``sign``, ``reach`` or ``seed``, or several ranks.
+        ValueError: a wrong ``scale``, ``sign``, ``reach`` or ``seed``.
     """
     if not is_number(scale) or scale <= 0:
         raise ValueError(f"Invalid scale: {scale!r}; accepted: a finite number > 0.")
@@ -175,8 +241,3 @@ def check_expansion(scale: float, sign: bool, reach: str, seed: int, several_ran
     if reach not in REACHES:
         raise ValueError(f"Invalid reach: {reach!r}; accepted: {' or '.join(map(repr, REACHES))}.")
     integer("seed", seed)
-    if several_ranks or distributed.world_size() > 1:
-        raise ValueError(
-            f"Invalid optimizer for landscape expansion: it runs on {distributed.world_size()} ranks "
-            f"(data_parallel={several_ranks}); accepted: one process, where each expansion step "
-            "needs no averaged gradient.")

@@ -173,6 +173,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         check_partition(self.partition, self.composition.partitioner_name, self._candidates, 0)  # rows of sharded tensors
         for group, names in zip(self.param_groups, self._group_names):
             group["params"] = [self._candidates[n] for n in names]
+        self._switch_hooks(self, BlockSwitch.at(self.schedule, self.partition, None, "adopt"))
 
     def _activate(self, *, reason: str, previous: Block | None = None) -> None:
         self._block.activate(self.active_block)

@@ -69,7 +69,6 @@ def test_switch_every_auto_makes_three_block_epochs_over_the_run():
     ({"switch_every": "auto", "total_steps": 0}, r"Invalid total_steps: 0; accepted: an integer >= 1"),
     ({"expansion": "before"}, r"Invalid reach: 'before'; accepted: 'after' or 'all'"),
     ({"expansion": "all", "expansion_scale": -1}, r"Invalid scale: -1"),
-    ({"expansion": "all", "data_parallel": True}, r"accepted: one process"),
 ])
 def test_refused_recipe_options_change_nothing(kwargs, match):
     model = tiny_llama(layers=2)

@@ -48,10 +48,13 @@ def test_the_reached_blocks_take_the_step_and_the_others_stay_frozen(sign, reach
     for name, param in model.named_parameters():
         block = BLOCKS.index(block_of(name))
         # layers.2 and the head (and with reach "all" the embedding and layers.0): one step each,
+        # decoupled weight decay at the group's rate (AdamW's default 0.01) as for the active block,
         # the gradient then dropped
         if block > 2 or (reach == "all" and block < 2):
             step = grads[name].sign() if sign else grads[name]
-            torch.testing.assert_close(param.detach(), before[name] - 0.05 * 0.5 * step)
+            decay = optimizer.param_groups[0]["weight_decay"]
+            assert decay == 0.01
+            torch.testing.assert_close(param.detach(), before[name] - 0.05 * (0.5 * step + decay * before[name]))
             assert param.grad is None
         elif block == 2:  # the active block: its solver's step, as without the expansion
             assert torch.equal(param, dict(plain_model.named_parameters())[name])
@@ -164,12 +167,24 @@ def test_bad_arguments_are_refused_and_change_nothing(options, message):
         bcd.landscape_expansion(torch.optim.SGD(model.parameters(), lr=0.1), scale=0.5)
 
 
-def test_several_ranks_are_refused(monkeypatch):
+def test_on_several_ranks_the_expansion_defers_and_its_step_waits_for_optimizer_step(monkeypatch):
     model, optimizer = build()
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match=r"runs on 2 ranks .*accepted: one process"):
-        bcd.landscape_expansion(optimizer, scale=0.5)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; two-rank runs are in test_distributed.py
+    with pytest.raises(ValueError, match=r"Invalid defer: False on several ranks; accepted: None or True"):
+        bcd.landscape_expansion(optimizer, scale=0.5, defer=False)
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["layers.1.weight", "layers.1.bias"]
+    monkeypatch.delenv("WORLD_SIZE")
+    expansion = bcd.landscape_expansion(optimizer, scale=0.5, defer=True)
+    before = snapshot(model)
+    CASES["mlp"].loss(model, 0).backward()
+    CASES["mlp"].loss(model, 1).backward()  # two micro-batches: their gradients add up, nothing is stepped yet
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    summed = {n: p.grad.clone() for n, p in expansion.expanded.items()}
+    optimizer.step()
+    decay = optimizer.param_groups[0]["weight_decay"]
+    for name, param in expansion.expanded.items():  # one step, from the sum, once
+        torch.testing.assert_close(param.detach(), before[name] - 0.05 * (0.5 * summed[name].sign() + decay * before[name]))
+        assert param.grad is None
 
 
 def wide(dtype):
