@@ -25,6 +25,8 @@ total_steps=steps, expansion="all")``, every parameter trained (the embedding's 
     python tools/bench_quality.py --report             # rewrite table, JSON and plot from the journal, running nothing
     python tools/bench_quality.py --schedule linear    # every method with the rate decayed linearly to 0 (the Trainer's default)
     python tools/bench_quality.py --quick              # smoke run: a few steps, one rate, one seed
+    # the recipe on two gloo processes, the same global batch (data_parallel=True)
+    python tools/bench_quality.py --ranks 2 --methods bcd-defaults --rates 'bcd-defaults=2e-4'
     # bf16 as users run it, seed 0 at the fp32 table's rates
     python tools/bench_quality.py --dtype bf16 --seeds 1 --methods adamw,lora,bcd-importance,bcd-expansion-all \
         --rates 'adamw=5e-5;lora=1e-3;bcd-importance=2e-4;bcd-expansion-all=1e-4'
@@ -66,7 +68,7 @@ EXPANSIONS = {"bcd-expansion": "after", "bcd-expansion-all": "all"}
 SCHEDULES = ("constant", "linear")
 # The run settings recorded with every run and part of its journal key, with their defaults, and
 # the values that runs journalled before a setting was recorded had.
-SETTING = {"schedule": "constant", "steps": 192, "batch": 32, "dropout": "start", "dtype": "fp32"}
+SETTING = {"schedule": "constant", "steps": 192, "batch": 32, "dropout": "start", "dtype": "fp32", "ranks": 1}
 LEGACY = {**SETTING, "dropout": "first-eval"}
 DTYPES = ("fp32", "bf16")
 # The options only some methods read, recorded under "options" and part of those methods' key
@@ -96,14 +98,16 @@ def build(seed: int):
 
 
 def optimizer_for(method: str, model, lr: float, seed: int, args: argparse.Namespace):
-    """The optimizer (and the model to train: LoRA wraps it) for ``method``."""
+    """The optimizer (and the model to train: LoRA wraps it) for ``method``; bcd's own data
+    parallelism (``data_parallel=True``) on several ranks."""
+    several = args.ranks > 1
     if method == "adamw":
         return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01), None
     if method == "bcd-defaults":  # what a user writes: BAdam's defaults (every parameter, random order), the run length, the expansion
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", bcd.PrecisionNote)
             return model, bcd.BAdam(model, lr=lr, switch_every="auto", total_steps=args.steps, expansion="all",
-                                    weight_decay=0.01, no_decay=True, seed=seed), None
+                                    weight_decay=0.01, no_decay=True, seed=seed, data_parallel=several), None
     if method.startswith("bcd"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", bcd.PrecisionNote)  # fp32 on purpose unless --dtype bf16
@@ -115,8 +119,9 @@ def optimizer_for(method: str, model, lr: float, seed: int, args: argparse.Names
                     return bcd.BlockCoordinateOptimizer(
                         model, lr=lr, switch_every=switch_every, partitioner_options={"include_embedding": False},
                         order="random", order_options={"seed": seed}, solver="sgd",
-                        solver_options={"momentum": 0.9, "weight_decay": 0.01}, no_decay=True)
+                        solver_options={"momentum": 0.9, "weight_decay": 0.01}, no_decay=True, data_parallel=several)
                 return bcd.BAdam(model, lr=lr, switch_every=switch_every, weight_decay=0.01, no_decay=True, seed=seed,
+                                 data_parallel=several,
                                  include_embedding=method == "bcd",
                                  order="importance" if method in ("bcd-importance", *EXPANSIONS) else "random")
 
@@ -166,7 +171,40 @@ def precision(method: str, args: argparse.Namespace):
 
 
 def run(method: str, task: str, lr: float, seed: int, args: argparse.Namespace) -> dict:
-    """One fine-tuning run: dev accuracy at every ``--eval-every`` steps and at the end."""
+    """One fine-tuning run: dev accuracy at every ``--eval-every`` steps and at the end; with
+    ``--ranks N``, N gloo processes on this machine, each with 1/N of every batch."""
+    if args.ranks == 1:
+        return train(method, task, lr, seed, args)
+    import tempfile
+
+    import torch.multiprocessing as mp
+    from bcd.testing import free_port
+
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "result.json"
+        mp.spawn(rank_worker, args=(args.ranks, free_port(), method, task, lr, seed, args, str(out)), nprocs=args.ranks)
+        return json.loads(out.read_text())
+
+
+def rank_worker(rank: int, world: int, port: int, method: str, task: str, lr: float, seed: int,
+                args: argparse.Namespace, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(max(1, (os.cpu_count() or world) // world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = train(method, task, lr, seed, args, rank, world)
+        if rank == 0:
+            Path(out).write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def train(method: str, task: str, lr: float, seed: int, args: argparse.Namespace, rank: int = 0, world: int = 1) -> dict:
+    """One run on this process: rank ``rank`` of ``world`` takes its share of each batch; rank 0 evaluates."""
     model, tokenizer = build(seed)
     dtype, forward = precision(method, args)
     model.to(dtype)
@@ -186,11 +224,12 @@ def run(method: str, task: str, lr: float, seed: int, args: argparse.Namespace) 
     curve, peak, started = [], 0, time.perf_counter()
     for step in range(args.steps):
         index = [order[(step * args.batch + i) % len(order)] for i in range(args.batch)]
+        index = index[rank * args.batch // world:(rank + 1) * args.batch // world]  # the same global batch
         enc = tokenizer([texts[i] for i in index], padding=True, truncation=True, max_length=64, return_tensors="pt")
         with forward():
             loss = model(**enc, labels=torch.tensor([labels[i] for i in index])).loss
         loss.backward()
-        evaluating = (step + 1) % args.eval_every == 0 or step + 1 == args.steps
+        evaluating = rank == 0 and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps)
         if evaluating:  # gradients and solver state are both held here, before the step
             live = measure(model, optimizer)
             peak = max(peak, live.gradients + live.solver_state + live.master_copies)
@@ -202,7 +241,7 @@ def run(method: str, task: str, lr: float, seed: int, args: argparse.Namespace) 
             with forward():
                 curve.append((step + 1, evaluate(model, tokenizer, dev_texts, dev_labels)))
     return {"method": method, "task": task, "lr": lr, "seed": seed,
-            **{key: getattr(args, key) for key in SETTING}, "options": options(method, args), "accuracy": curve[-1][1], "curve": curve,
+            **{key: getattr(args, key) for key in SETTING}, "options": options(method, args), "accuracy": curve[-1][1] if curve else None, "curve": curve,
             "seconds": time.perf_counter() - started, "optimizer_bytes": peak,
             "switch_every": getattr(optimizer, "switch_every", None), "blocks": len(getattr(optimizer, "blocks", ()))}
 
@@ -233,6 +272,9 @@ def main() -> None:
     parser.add_argument("--dtype", choices=DTYPES, default=SETTING["dtype"],
                         help="fp32 (default) or bf16: AdamW with fp32 weights under bf16 autocast, LoRA and bcd on a "
                              "bf16 model (the expansion's steps stochastically rounded); part of the journal key")
+    parser.add_argument("--ranks", type=int, default=SETTING["ranks"],
+                        help="gloo processes on this machine, each with 1/N of every batch (the same global batch), "
+                             "bcd methods only, with data_parallel=True; part of the journal key (default 1)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds at the best rate (default 3)")
     parser.add_argument("--eval-every", type=int, default=96, help="dev evaluation period in steps (default 96)")
     parser.add_argument("--dev-limit", type=int, default=0, help="evaluate on the first N dev sentences (0: all)")
@@ -244,6 +286,8 @@ def main() -> None:
     unknown = [m for m in methods if m not in RATES]
     if unknown:
         parser.error(f"unknown method {unknown[0]!r} in --methods {args.methods!r}; accepted: {', '.join(RATES)}")
+    if args.ranks < 1 or args.ranks > 1 and any(not m.startswith("bcd") for m in methods):
+        parser.error(f"--ranks {args.ranks}: accepted 1, or more with bcd methods only (data_parallel=True)")
     sweep = {m: RATES[m] for m in methods}
     for item in filter(None, (args.rates or "").split(";")):
         method, _, rates = item.partition("=")
