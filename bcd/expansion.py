@@ -53,6 +53,7 @@ from torch.utils.hooks import RemovableHandle
 from bcd import distributed, rounding
 from bcd.activation import remove_all
 from bcd.checks import flag, integer, is_number
+from bcd.cost import GRADIENT_CHUNK
 from bcd.events import BlockSwitch
 from bcd.optimizer import BlockCoordinateOptimizer
 
@@ -112,11 +113,17 @@ class LandscapeExpansion:
         draw = self._draws.get(id(param), 0)
         self._draws[id(param)] = draw + 1
         source = rounding.generator(self.seed, optimizer.global_step, self._index[id(param)], draw, param.device)
-        direction = param.grad.sign() if self.sign else param.grad
         decay = group.get("weight_decay", 0.0)
-        if decay:  # decoupled, as AdamW's: rate * (scale * direction + decay * weight)
-            direction = direction.float() + (decay / self.scale) * param.detach().float()
-        rounding.add_rounded_(param, direction, -group["lr"] * self.scale, source)
+        weights, grads = param.detach(), param.grad
+        # In chunks: an fp32 temporary of a whole 128K-row embedding would be gigabytes.
+        parts = ([(weights.view(-1)[i:i + GRADIENT_CHUNK], grads.view(-1)[i:i + GRADIENT_CHUNK])
+                  for i in range(0, weights.numel(), GRADIENT_CHUNK)]
+                 if weights.is_contiguous() and grads.is_contiguous() else [(weights, grads)])
+        for part, grad in parts:  # one generator for the tensor, drawn chunk after chunk
+            direction = grad.sign() if self.sign else grad
+            if decay:  # decoupled, as AdamW's: rate * (scale * direction + decay * weight)
+                direction = direction.float() + (decay / self.scale) * part.float()
+            rounding.add_rounded_(part, direction, -group["lr"] * self.scale, source)
         param.grad = None
 
     def _take_pending(self, optimizer: BlockCoordinateOptimizer) -> None:

@@ -233,3 +233,18 @@ def test_bf16_expansion_draws_are_seeded_by_the_step_and_resume_exactly():
     bcd.landscape_expansion(other_optimizer, scale=0.5, reach="all", seed=4)
     train(other, other_optimizer, CASES["mlp"], 10)
     assert any(not torch.equal(p, reference[n]) for n, p in other.named_parameters())  # the seed matters
+
+
+def test_large_tensors_are_stepped_in_chunks_with_the_same_arithmetic(monkeypatch):
+    """A step is taken GRADIENT_CHUNK elements at a time (a 128K-row embedding's fp32 copy would be
+    gigabytes): in fp32 the chunked step is the whole-tensor formula exactly."""
+    monkeypatch.setattr(bcd.expansion, "GRADIENT_CHUNK", 7)  # chunks that cut across rows
+    model, optimizer = build()
+    bcd.landscape_expansion(optimizer, scale=0.5, reach="all")
+    before, grads = snapshot(model), full_gradients(model, 0)
+    train(model, optimizer, CASES["mlp"], 1)
+    decay = optimizer.param_groups[0]["weight_decay"]
+    for name, param in model.named_parameters():
+        if block_of(name) != "layers.1":
+            expected = before[name] - 0.05 * (0.5 * grads[name].sign() + decay * before[name])
+            torch.testing.assert_close(param.detach(), expected)

@@ -47,3 +47,19 @@ def test_add_rounded_leaves_wide_dtypes_to_torch():
     param = torch.ones(4, dtype=torch.float64)
     rounding.add_rounded_(param, torch.full((4,), 1e-12, dtype=torch.float64), -2.0, rounding.generator(0, 0, 0))
     assert torch.equal(param, torch.full((4,), 1 - 2e-12, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("base", [2.0 ** -133, 1.0 - 2.0 ** -8, 3.3e38])  # a bf16 subnormal, a binade edge, near the top
+def test_bf16_by_its_bits_is_unbiased_at_subnormals_binade_edges_and_stays_finite_at_the_top(base):
+    a = torch.tensor(base, dtype=torch.bfloat16)
+    b = torch.nextafter(a, torch.tensor(float("inf"), dtype=torch.bfloat16))
+    gap = b.float().item() - a.float().item()
+    n = 200_000
+    value = torch.full((n,), a.float().item() + 0.3 * gap)
+    drawn = rounding.stochastic_round(value, torch.bfloat16, rounding.generator(0, 0, 0))
+    assert set(drawn.unique().tolist()) <= {a.item(), b.item()}
+    tolerance = 5 * gap * (0.3 * 0.7 / n) ** 0.5  # five standard errors of the mean of n draws
+    assert abs(drawn.double().mean().item() - value.double()[0].item()) < tolerance
+    largest = torch.finfo(torch.bfloat16).max
+    above = torch.full((1000,), largest * (1 + 2.0 ** -10))  # between bf16's largest and fp32's
+    assert torch.isfinite(rounding.stochastic_round(above, torch.bfloat16, rounding.generator(0, 0, 0))).all()

@@ -9,6 +9,7 @@ update (``optimizer.step()``) time per step, and beside them what ``bcd memory``
     python tools/bench_scale.py --shape small                   # a quick run, seconds
     python tools/bench_scale.py --shape llama-2-7b --steps 12   # ~15 minutes on a 2-core CPU
     python tools/bench_scale.py --shape llama-3-8b --methods bcd --steps 0   # every block once
+    python tools/bench_scale.py --shape llama-3-8b --methods recipe,bcd,lora --steps 4   # the recipe's cost
 
 Big shapes need most of a 23 GiB machine: run them alone. The reference trains the same
 blocks (``include_embedding``/``include_lm_head``) where they fit; at ``llama-3-8b`` its head
@@ -64,14 +65,22 @@ def materialise(shape: str, device: str) -> torch.nn.Module:
 
 
 def make_optimizer(method: str, model: torch.nn.Module, reference_blocks: str):
-    if method == "bcd":
+    """The optimizer of ``method`` (and for LoRA the adapted model), K = 1 for the block methods."""
+    if method in ("bcd", "recipe"):
         import bcd
 
-        return bcd.BAdam(model, lr=1e-5, switch_every=1, order="descending")
+        # recipe: what docs/user-guide.md says to write for a bf16 LLM on one GPU, the expansion over every other block.
+        return model, bcd.BAdam(model, lr=1e-5, switch_every=1, order="descending",
+                                expansion="all" if method == "recipe" else None)
+    if method == "lora":  # peft's LoRA, r = 8 on the attention's q and v projections, fp32 adapters
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
     from badam import BlockOptimizer
 
     everything = reference_blocks == "all"
-    return BlockOptimizer(base_optimizer=torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0),
+    return model, BlockOptimizer(base_optimizer=torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0),
                           named_parameters_list=list(model.named_parameters()), switch_block_every=1,
                           switch_mode="descending", include_embedding=everything, include_lm_head=everything,
                           verbose=0)
@@ -81,8 +90,9 @@ def worker(args: argparse.Namespace) -> dict:
     """One method's run, in this process."""
     model = materialise(args.shape, args.device)
     bare = current_rss()
-    optimizer = make_optimizer(args.worker, model, args.reference_blocks)
-    blocks = len(optimizer.blocks) if args.worker == "bcd" else len(optimizer.block_prefix_list)
+    model, optimizer = make_optimizer(args.worker, model, args.reference_blocks)
+    blocks = (len(optimizer.blocks) if args.worker in ("bcd", "recipe")
+              else len(optimizer.block_prefix_list) if args.worker == "badam" else 1)
     steps = args.steps or blocks
     generator = torch.Generator().manual_seed(1)
     forward, backward, update = [], [], []
@@ -118,7 +128,9 @@ def predicted(shape: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=list(SHAPES), default="small")
-    parser.add_argument("--methods", default="bcd,badam", help="comma-separated: bcd, badam (default both)")
+    parser.add_argument("--methods", default="bcd,badam",
+                        help="comma-separated: bcd, badam, recipe (bcd with expansion='all'), lora (peft, r = 8 on q/v); "
+                             "default bcd,badam")
     parser.add_argument("--steps", type=int, default=0, help="steps per method; 0: one per block (default)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=64)
@@ -144,10 +156,11 @@ def main() -> None:
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
     estimate = predicted(args.shape)
     header = ["method", "D", "steps", "peak RSS GiB", "bare model GiB", "above model GiB", "forward s", "backward s",
-              "update s (mean)", "update s [min-max]"]
+              "update s (mean)", "update s [min-max]", "step s"]
     rows = [[r["method"], str(r["blocks"]), str(r["steps"]), f"{r['peak_rss'] / GIB:.2f}", f"{r['bare_rss'] / GIB:.2f}",
              f"{(r['peak_rss'] - r['bare_rss']) / GIB:.2f}", f"{r['forward']:.2f}", f"{r['backward']:.2f}",
-             f"{r['update']:.3f}", f"{r['update_min']:.3f}-{r['update_max']:.3f}"] for r in results]
+             f"{r['update']:.3f}", f"{r['update_min']:.3f}-{r['update_max']:.3f}",
+             f"{r['forward'] + r['backward'] + r['update']:.2f}"] for r in results]
     print_table(f"{args.shape}, bf16, batch {args.batch} x {args.seq}, K = 1, {args.device}", header, rows)
     print(f"bcd memory predicts {estimate['total'] / GIB:.2f} GiB without activations (D = {estimate['blocks']}, "
           f"largest block {estimate['largest']}; the paper's 2M + 16M/D: {estimate['paper'] / GIB:.2f} GiB)")
@@ -157,6 +170,10 @@ def main() -> None:
                   f"{r['cuda_max_reserved'] / GIB:.2f} GiB; estimate / allocated "
                   f"{estimate['total'] / r['cuda_max_allocated']:.3f}")
     by = {r["method"]: r for r in results}
+    if {"recipe", "lora"} <= set(by):
+        step = {m: by[m]["forward"] + by[m]["backward"] + by[m]["update"] for m in ("recipe", "lora")}
+        print(f"recipe / LoRA: peak RSS {by['recipe']['peak_rss'] / by['lora']['peak_rss']:.3f}, "
+              f"step time {step['recipe'] / step['lora']:.3f}x")
     if {"bcd", "badam"} <= set(by):
         print(f"bcd / reference: peak RSS {by['bcd']['peak_rss'] / by['badam']['peak_rss']:.3f} "
               f"({(by['badam']['peak_rss'] - by['bcd']['peak_rss']) / GIB:+.2f} GiB saved), "
