@@ -72,6 +72,15 @@ class SolverLayout:
     def bytes_per_tensor(self) -> int:
         return sum(v.numel() * v.element_size() for v in self.whole.values() if isinstance(v, torch.Tensor))
 
+    @property
+    def keys(self) -> set[str]:
+        """Every key it keeps per tensor."""
+        return {*self.per_element, *self.whole}
+
+    def is_per_element(self, key: str) -> bool | None:
+        """Whether ``key`` is kept with the tensor's shape (True), whole (False), or not kept at all (None)."""
+        return True if key in self.per_element else False if key in self.whole else None
+
     def fresh(self) -> dict[str, Any]:
         """The scalar state of a tensor not stepped yet (copies; per-element keys are the caller's)."""
         return {key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in self.whole.items()}

@@ -129,10 +129,8 @@ class LandscapeExpansion:
     def _take_pending(self, optimizer: BlockCoordinateOptimizer) -> None:
         """Deferred: step every expanded tensor that has a gradient (averaged over the ranks during backward)."""
         self._taken_at = optimizer.global_step
-        pending = [p for p in self.expanded.values() if p.grad is not None]
-        with torch.no_grad():
-            for param in pending:
-                self._update(optimizer, param)
+        for param in [p for p in self.expanded.values() if p.grad is not None]:
+            self._update(optimizer, param)  # rounding.add_rounded_ writes under no_grad
 
     def _after_step(self, optimizer: BlockCoordinateOptimizer, args: Any, kwargs: Any) -> None:
         if optimizer.closed:

@@ -18,7 +18,6 @@ an observing ordering is still a pure function, of its options, its arguments an
 from __future__ import annotations
 
 import math
-
 from collections.abc import Iterable, Mapping
 from typing import Any
 

@@ -24,7 +24,6 @@ from bcd.groups import check_hyperparameters
 from bcd.schedule import BlockSchedule
 
 
-
 class Optimizing(Protocol):
     """What saving and checking read of an optimizer: its public, read-only view (no import of bcd.optimizer)."""
 
@@ -159,20 +158,19 @@ def _check_solver_state(saved: Any, optimizer: Optimizing, groups: list[dict[str
     probe_groups, _ = solver_groups(groups, optimizer.group_names, meta)
     params = [p for g in probe_groups for p in g["params"]]
     # One throwaway step per group (its values may change the layout, e.g. amsgrad), shared by its tensors.
-    layouts = [None if layout is None else {key: key in layout.per_element for key in [*layout.per_element, *layout.whole]}
-               for g in probe_groups
-               for layout in [layout_or_none(optimizer.composition.solver_factory, optimizer.composition.solver_options, g)]
-               for _ in g["params"]]
+    composition = optimizer.composition
+    by_group = [layout_or_none(composition.solver_factory, composition.solver_options, g) for g in probe_groups]
+    layouts = [layout for g, layout in zip(probe_groups, by_group) for _ in g["params"]]
     for key, entry in saved["state"].items():
         if not is_int(key, 0, len(params) - 1) or not isinstance(entry, Mapping):
             _fail(f"solver_state['state'] has entry {key!r}; accepted: parameter indices 0 ... {len(params) - 1} with dicts.")
         layout = layouts[key]
-        if layout is not None and entry and not set(layout) <= set(entry):
-            _fail(f"solver_state['state'][{key}] holds {sorted(map(str, entry))}; accepted: {sorted(layout)}, "
+        if layout is not None and entry and not layout.keys <= set(entry):
+            _fail(f"solver_state['state'][{key}] holds {sorted(map(str, entry))}; accepted: {sorted(layout.keys)}, "
                   "what this solver keeps per parameter.")
         for name, value in entry.items():
             _check_state_entry(f"solver_state['state'][{key}][{name!r}]", value, tuple(params[key].shape),
-                               None if layout is None else layout.get(name))
+                               None if layout is None else layout.is_per_element(name))
     try:
         # A solver over meta tensors allocates nothing; loading into it runs torch's own checks.
         probe = optimizer.composition.solver_factory(probe_groups, **optimizer.composition.solver_options)
