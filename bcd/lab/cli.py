@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tune a causal LM on instruction data with bcd.BAdam and the Trainer (defaults: a demo on CPU)",
         description="Supervised fine-tuning on Alpaca-format instructions (prompt template, prompt tokens masked out "
         "of the labels) with the transformers Trainer and bcd.BAdam. With no flags: a tiny Llama built from a config, "
-        "a tokenizer trained on the bundled demo instructions, 30 s to 4 min on a 2-core CPU, no network. Prints a summary: "
+        "a tokenizer trained on the bundled demo instructions, 30 s to 5 min on a 2-core CPU, no network. Prints a summary: "
         "eval loss before and after, block-epochs, memory by category against the AdamW estimate, where the "
         "TensorBoard logs are.",
     )
