@@ -30,14 +30,16 @@ __all__ = [
     "landscape_expansion",
     "memory",
     "plugins",
+    "sharded",
     "switch_warmup",
     "testing",
 ]
 __version__ = "0.1.0"
 
 # Loaded on first use: `import bcd` loads the library alone (torch, pluggy, attrs). bcd.memory is
-# the lab's estimate and measurement (bcd.lab.memory, it needs the lab extra).
-_LAZY = {"memory": "bcd.lab.memory", "testing": "bcd.testing"}
+# the lab's estimate and measurement (bcd.lab.memory, it needs the lab extra); bcd.sharded loads
+# torch.distributed.checkpoint.
+_LAZY = {"memory": "bcd.lab.memory", "sharded": "bcd.sharded", "testing": "bcd.testing"}
 
 
 def __getattr__(name: str) -> Any:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from bcd import checkpointing, distributed, state
+from bcd import checkpointing, distributed, layout, state
 from bcd.activation import ActiveBlock
 from bcd.buffers import Buffers
 from bcd.blocks import Block, Partition
@@ -39,6 +39,13 @@ from bcd.tenure import Tenure, check_unreplaced, owner_of, refuse_copy
 
 STATE_FORMAT = state.STATE_FORMAT
 __all__ = ["BlockCoordinateOptimizer", "PrecisionNote", "STATE_FORMAT"]
+
+def _construction_only(optimizer: torch.optim.Optimizer, value: Any) -> None:
+    """torch's ``Optimizer.__init__`` sets ``state`` to an empty dict; nothing else may."""
+    if value:
+        raise AttributeError("BlockCoordinateOptimizer.state is read-only: bcd keeps the active block's solver state "
+                             "in .solver, and restores it with load_state_dict().")
+
 
 class BlockCoordinateOptimizer(torch.optim.Optimizer):
     """Train one block of a model at a time with an inner ``torch.optim`` solver.
@@ -150,6 +157,8 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
     master_copies = property(lambda self: self._block.masters, doc="The active block's master copies; None like solver.")
     buffers = property(lambda self: self._block.buffers, doc="The fp32 buffers kept across visits (bcd.buffers.Buffers).")
     closed = property(lambda self: self._tenure.reason is not None, doc="Whether close() ran or a newer optimizer took over.")
+    state = property(lambda self: {p: {} for p in self._block.candidates.values()}, _construction_only, doc=(
+        "torch's per-parameter state: empty for each candidate (the active block's is in solver); DCP needs no lr-0 step."))
 
     def register_block_switch_hook(self, hook: Callable[[BlockCoordinateOptimizer, BlockSwitch], None], *,
                                    prepend: bool = False) -> RemovableHandle:
@@ -252,10 +261,10 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything to continue exactly (:func:`bcd.state.save`); torch's state-dict hooks run as usual."""
+        """Everything to continue exactly, in torch's layout that DCP carries (:mod:`bcd.layout`); torch's hooks run."""
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
-        saved = state.save(self)
+        saved = layout.pack(state.save(self), self)
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             saved = post_hook(self, saved) or saved
         return saved
@@ -264,13 +273,12 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         """Continue from :meth:`state_dict`, bit-identically on the same device; torch's load hooks run.
 
         Raises:
-            ValueError: naming the offending key, the value and what is accepted (checked in full by
-                :func:`bcd.state.check` first: a refused dict changes nothing).
+            ValueError: naming the key, the value and what is accepted (:func:`bcd.state.check`: nothing changes).
         """
         self._tenure.check_open()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = pre_hook(self, state_dict) or state_dict
-        restore = state.check(state_dict, self)
+        restore = state.check(layout.unpack(state_dict, self), self)
         check_unreplaced(self._model, self._candidates, restore.partition[restore.schedule.active].tensor_names)
         for group, hyper in zip(self.param_groups, restore.group_hyperparameters):
             group.update(hyper)

@@ -150,6 +150,44 @@ def work(rank: int, world: int, mode: str, out: str) -> None:
                     param.copy_(distributed.like(state["model"][name], param))
             optimizer.load_state_dict(state["optimizer"])
         train(model, forward, optimizer, data[5:], rank, world)
+    elif mode.startswith("dcp"):
+        import torch.distributed.checkpoint as dcp
+
+        directory = os.path.join(os.path.dirname(out), "dcp")
+        model, forward = wrap(build(), "fsdp2", world)
+        optimizer = optimizer_for(model)
+        if mode == "dcp-save":
+            train(model, forward, optimizer, batches(5), rank, world)  # K = 2: step 5 is mid-block
+            dcp.save(dcp_state(model, optimizer), checkpoint_id=directory)
+        else:
+            dcp_resume(model, forward, optimizer, directory, rank, world)
+    elif mode.startswith("accelerate-fsdp"):
+        # accelerate's own FSDP2 checkpoint functions, which the Trainer calls: they run only under a
+        # GPU Trainer (on CPU accelerate falls back to DDP), so they are called here directly.
+        from types import SimpleNamespace
+
+        from accelerate import PartialState
+        from accelerate.utils import FullyShardedDataParallelPlugin, load_fsdp_optimizer, save_fsdp_optimizer
+
+        PartialState(cpu=True)  # accelerate's logging needs its state
+        kind, phase = mode.removeprefix("accelerate-fsdp-").split("-")
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type=f"{kind.upper()}_STATE_DICT")
+        accelerator = SimpleNamespace(process_index=rank, wait_for_everyone=dist.barrier)
+        directory, saved_at = os.path.join(os.path.dirname(out), f"accelerate-{kind}"), 4  # K = 2: a visit boundary
+        model, forward = wrap(build(), "fsdp2", world)
+        optimizer = optimizer_for(model)
+        if phase == "save":
+            train(model, forward, optimizer, batches(saved_at), rank, world)
+            save_fsdp_optimizer(plugin, accelerator, optimizer, model, directory)
+            torch.save(full_params(model), os.path.join(directory, f"weights.{rank}"))
+        else:
+            weights = torch.load(os.path.join(directory, f"weights.{rank}"), weights_only=True)
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    param.copy_(distributed.like(weights[name], param))
+            load_fsdp_optimizer(plugin, accelerator, optimizer, model, directory)
+            assert optimizer.global_step == saved_at
+            train(model, forward, optimizer, batches(STEPS)[saved_at:], rank, world)
     elif mode.endswith("-after"):
         # The optimizer first, the wrapper after: the order of the Trainer and accelerate's prepare().
         model = build()
@@ -346,16 +384,29 @@ def test_per_rank_memory_of_masters_and_solver_state_is_halved(tmp_path):
         assert (shard["state"] - shard["steps"]) * 2 == single["state"] - single["steps"]
 
 
-def test_unsupported_wrappers_are_refused_with_what_to_use():
+def fake_fsdp1() -> nn.Module:
+    """An FSDP1 instance without a process group or accelerator (FSDP1 needs one to wrap for real)."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     fsdp1 = FullyShardedDataParallel.__new__(FullyShardedDataParallel)
     nn.Module.__init__(fsdp1)
-    fsdp1._use_orig_params = False
-    holder = nn.Sequential(nn.Linear(2, 2))
-    holder.add_module("wrapped", fsdp1)
-    with pytest.raises(ValueError, match=r"FSDP1 .* use_orig_params=False .* Accepted: FSDP2"):
+    return fsdp1
+
+
+def test_unsupported_wrappers_are_refused_with_what_to_use(monkeypatch):
+    holder = nn.Sequential(nn.Linear(2, 2), fake_fsdp1())  # with or without use_orig_params alike
+    with pytest.raises(ValueError, match=r"FSDP1 .*1 module\(s\) wrapped.*FSDP.optim_state_dict.* Accepted: FSDP2"):
         bcd.BAdam(holder)
+    # Wrapped after the optimizer was built (the Trainer's order): refused at the first forward, nothing frozen.
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets: the optimizer waits for a wrapper
+    optimizer = bcd.BAdam(model, switch_every=1)
+    monkeypatch.delenv("WORLD_SIZE")
+    model.append(fake_fsdp1())
+    with pytest.raises(ValueError, match=r"FSDP1 .*1 module\(s\) wrapped"):
+        model(torch.ones(1, 2))
+    assert all(p.requires_grad for p in model.parameters())
+    optimizer.close()
 
     zero3 = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     zero3[0].weight.ds_id = 0
@@ -409,3 +460,48 @@ def test_world_size_from_the_environment_without_a_process_group_is_refused_at_t
     for name, value in full_params(model).items():
         assert torch.equal(value, before[name]), name
     assert [n for n, p in model.named_parameters() if p.requires_grad] == list(optimizer.active_block.param_names)
+
+
+def dcp_state(model, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+
+
+def dcp_resume(model, forward, optimizer, directory: str, rank: int = 0, world: int = 1) -> None:
+    """Load the weights and the optimizer from a DCP checkpoint, as the docs say, and train the rest of the run."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    weights = {"model": get_model_state_dict(model)}
+    dcp.load(weights, checkpoint_id=directory)
+    set_model_state_dict(model, weights["model"])
+    bcd.sharded.load(model, optimizer, directory)
+    assert optimizer.global_step == 5 and optimizer.step_in_block == 1 and optimizer.solver is not None
+    train(model, forward, optimizer, batches(STEPS)[5:], rank, world)
+
+
+def test_a_dcp_checkpoint_saved_on_two_fsdp2_ranks_resumes_on_two_and_on_one(tmp_path, single_process):
+    """get_optimizer_state_dict + dcp.save mid-visit on 2 ranks; bcd.sharded.load on 2 ranks and on 1 process."""
+    uninterrupted = torch.load(spawn("fsdp2", tmp_path), weights_only=True)
+    spawn("dcp-save", tmp_path)
+    resumed_on_two = torch.load(spawn("dcp-load", tmp_path), weights_only=True)
+    for name, value in uninterrupted.items():
+        torch.testing.assert_close(resumed_on_two[name], value, rtol=0, atol=1e-6, msg=name)
+
+    model = build()  # one process, no process group, no FSDP: the shards are read into plain tensors
+    optimizer = optimizer_for(model)
+    dcp_resume(model, model, optimizer, str(tmp_path / "dcp"))
+    for name, value in full_params(model).items():  # as test_two_ranks_match_one_process: reduction order only
+        torch.testing.assert_close(value, single_process[name], rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["full", "sharded"])
+def test_accelerates_fsdp2_checkpoints_which_the_trainer_writes_resume_exactly(kind, tmp_path):
+    """Saved at a visit boundary: accelerate loads into a fresh optimizer's template (sharded) or hands
+    other ranks only its keys (full, from rank 0), so a visit's tensors would not arrive; the position does."""
+    uninterrupted = torch.load(spawn("fsdp2", tmp_path), weights_only=True)
+    spawn(f"accelerate-fsdp-{kind}-save", tmp_path)
+    resumed = torch.load(spawn(f"accelerate-fsdp-{kind}-load", tmp_path), weights_only=True)
+    for name, value in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)

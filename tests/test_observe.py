@@ -58,7 +58,7 @@ def test_an_observing_ordering_gets_each_blocks_mean_gradient_norm_of_its_latest
 def test_a_non_observing_ordering_measures_nothing():
     optimizer, _ = run("random", 4 * K + 1)
     assert optimizer.schedule.observed == Observations.empty(4)
-    assert optimizer.state_dict()["schedule"]["observed"]["grad_norm"] == [None] * 4
+    assert bcd.layout.unpack(optimizer.state_dict(), optimizer)["schedule"]["observed"]["grad_norm"] == [None] * 4
 
 
 def test_an_observing_ordering_refuses_a_partitioner_that_regroups():

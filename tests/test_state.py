@@ -1,8 +1,9 @@
 """Malformed state dicts: each refused with a ValueError, the model and optimizer left bit-identical.
 
-One table of mutations of a real mid-visit state dict (bf16 Llama, random order, K = 3, two
-groups), each loaded into the live optimizer; afterwards every model tensor and the optimizer's
-own ``state_dict()`` are compared with before, and training goes on exactly like an untouched twin.
+One table of mutations of a real mid-visit record (bf16 Llama, random order, K = 3, two groups:
+what ``state_dict()`` packs in torch's layout, unpacked by ``bcd.layout.unpack``), one of the
+packed layout itself, each loaded into the live optimizer; afterwards every model tensor and the
+optimizer's own record are compared with before, and training goes on exactly like an untouched twin.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ def make(order="random", steps=K + 1):
     )
     train(model, optimizer, case, steps)  # mid-visit: solver state and masters exist
     return model, optimizer
+
+
+def record(optimizer):
+    """The record inside ``optimizer.state_dict()`` (what a dict saved before packing holds, and loads as)."""
+    return bcd.layout.unpack(optimizer.state_dict(), optimizer)
 
 
 def first_master(sd):
@@ -56,7 +62,7 @@ def drop(*path):
 
 def gpt2_partition(sd):
     other = bcd.BlockCoordinateOptimizer(CASES["gpt2"].model(), lr=0.1)
-    sd["partition"] = other.state_dict()["partition"]
+    sd["partition"] = record(other)["partition"]
     return sd
 
 
@@ -162,6 +168,35 @@ CASES_ = {
 }
 # An observing ordering (importance): its saved order is the record, checked for range, and its
 # observations decide every later order. Cut after block-epoch 0, in a drawn block-epoch.
+# The packed layout (torch's, which DCP and the Trainer's FSDP checkpoints carry): mutations of
+# ``optimizer.state_dict()`` itself.
+def in_record(key, value):
+    def mutate(sd):
+        sd["param_groups"][0]["bcd"][key] = value(sd["param_groups"][0]["bcd"][key]) if callable(value) else value
+        return sd
+    return mutate
+
+
+PACKED_CASES = {
+    "header not JSON": (in_record("header", "{schedule"), r"\['header'\] is not JSON"),
+    "header a list": (in_record("header", "[1, 2]"), r"accepted: a dict with a 'header' JSON object"),
+    "header without a schedule": (in_record("header", lambda h: h.replace('"schedule"', '"plan"')), r"no 'schedule'"),
+    "master_copies a list": (in_record("master_copies", lambda m: list(m.values())), r"not a dict"),
+    # Absent (torch's full-state load drops empty dicts) means none: mid-visit, that is refused.
+    "no solver_state mid-visit": (lambda sd: {**sd, "param_groups": [{**sd["param_groups"][0], "bcd": {
+        k: v for k, v in sd["param_groups"][0]["bcd"].items() if k not in ("solver_state", "master_copies")}},
+        *sd["param_groups"][1:]]}, r"solver_state is None at step 1 of a visit"),
+    "global_step of another step": (in_record("global_step", lambda s: s + 1), r"\['global_step'\] is tensor\(\[5\]\).*equal to the header's schedule.global_step \(4\)"),
+    "global_step a float": (in_record("global_step", lambda s: s.double()), r"one-element integer tensor"),
+    "per-parameter state": (set_in(["state", 0], {"exp_avg": torch.zeros(1)}), r"'state' holds per-parameter state .*not written by bcd"),
+    "a member index past the parameters": (set_in(["param_groups", 1, "params"], lambda p: [*p[:-1], 999]), r"other members"),
+    "a member a float": (set_in(["param_groups", 1, "params"], lambda p: [*p[:-1], 1.0]), r"holds 1.0; accepted: parameter indices"),
+    "groups' members swapped": (lambda sd: {**sd, "param_groups": [
+        {**sd["param_groups"][0], "params": sd["param_groups"][1]["params"]},
+        {**sd["param_groups"][1], "params": sd["param_groups"][0]["params"]}]}, r"other members"),
+    "a moment of another shape": (in_record("solver_state", lambda s: {**s, "state": {**s["state"], 0: {
+        **s["state"][0], "exp_avg": torch.zeros(3)}}}), r"\['exp_avg'\] has shape \(3,\)"),
+}
 IMPORTANCE_CASES = {
     "order past the blocks": (set_in(["schedule", "order"], [0, 4]), r"schedule.order is \[0, 4\]; accepted: a non-empty"),
     "empty order": (set_in(["schedule", "order"], []), r"schedule.order is \[\]"),
@@ -194,17 +229,34 @@ def test_an_observing_orderings_malformed_state_is_refused_and_changes_nothing(n
     refused_and_unchanged(*IMPORTANCE_CASES[name], order="importance", steps=5 * K + 1)
 
 
-def refused_and_unchanged(mutate, match, order="random", steps=K + 1):
+@pytest.mark.parametrize("name", list(PACKED_CASES))
+def test_a_malformed_packed_state_dict_is_refused_and_changes_nothing(name):
+    refused_and_unchanged(*PACKED_CASES[name], packed=True)
+
+
+def test_a_record_saved_before_packing_still_loads():
+    """Checkpoints written before the packed layout hold the record at the top level: they load as they did."""
+    model, optimizer = make()
+    saved, weights = record(optimizer), copy.deepcopy(model.state_dict())
+    assert saved["format"] == bcd.state.STATE_FORMAT and "solver_state" in saved
+    expected = train(model, optimizer, CASES["llama"], 2 * K, start=K + 1)
+    other, other_optimizer = make(steps=0)
+    other.load_state_dict(weights)
+    other_optimizer.load_state_dict(saved)
+    assert train(other, other_optimizer, CASES["llama"], 2 * K, start=K + 1) == expected
+
+
+def refused_and_unchanged(mutate, match, order="random", steps=K + 1, packed=False):
     model, optimizer = make(order, steps)
     twin_model, twin = make(order, steps)
-    saved = copy.deepcopy(optimizer.state_dict())
+    saved = copy.deepcopy(optimizer.state_dict() if packed else record(optimizer))
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     with pytest.raises(ValueError, match=match):
         optimizer.load_state_dict(mutate(copy.deepcopy(saved)))
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert deep_equal(optimizer.state_dict(), saved)
+    assert deep_equal(optimizer.state_dict() if packed else record(optimizer), saved)
     # ... and training goes on exactly like an optimizer that never saw the bad dict.
     case = CASES["llama"]
     assert train(model, optimizer, case, 2 * K, start=steps) == train(twin_model, twin, case, 2 * K, start=steps)
@@ -248,7 +300,7 @@ def test_a_state_dict_saved_under_a_wrapper_loads_into_the_bare_model_and_back(s
     model, optimizer = make(saved_under)
     train(model, optimizer, case, K + 1)  # mid-visit: masters and solver state in the dict
     saved, weights = optimizer.state_dict(), copy.deepcopy(model.state_dict())
-    assert not any(name.startswith(("module.", "_orig_mod.")) for name in saved["master_copies"])
+    assert not any(name.startswith(("module.", "_orig_mod.")) for name in saved["param_groups"][0]["bcd"]["master_copies"])
     expected = train(model, optimizer, case, 2 * K, start=K + 1)
     other, other_optimizer = make(loaded_under)
     other.load_state_dict(weights)
@@ -278,7 +330,7 @@ def test_a_state_dict_saved_under_real_ddp_loads_into_the_bare_model(tmp_path):
         optimizer.close()
     finally:
         dist.destroy_process_group()
-    assert all("module." not in entry for block in saved["partition"] for entry in block)
+    assert "module." not in saved["param_groups"][0]["bcd"]["header"]
     bare = case.model(dtype=torch.bfloat16)
     bare.load_state_dict(weights)
     bare_optimizer = bcd.BlockCoordinateOptimizer(bare, lr=1e-2, switch_every=K, order="random", order_options={"seed": SEED})
