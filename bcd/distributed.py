@@ -40,7 +40,7 @@ def check_supported(model: nn.Module) -> None:
     """Refuse wrappers bcd cannot drive, with what to use instead.
 
     Raises:
-        ValueError: FSDP1 without ``use_orig_params=True``, a DeepSpeed engine or ZeRO-3
+        ValueError: FSDP1, a DeepSpeed engine or ZeRO-3
             parameters, or DDP without ``find_unused_parameters=True``.
     """
     if type(model).__name__ == "DeepSpeedEngine" or any(hasattr(p, "ds_id") for p in model.parameters()):
@@ -52,13 +52,17 @@ def check_supported(model: nn.Module) -> None:
         )
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    for module in model.modules():
-        if isinstance(module, FullyShardedDataParallel) and not getattr(module, "_use_orig_params", False):
-            raise ValueError(
-                "Unsupported model: FSDP1 (FullyShardedDataParallel) with use_orig_params=False flattens parameters, "
-                "so single parameters cannot be frozen. Accepted: FSDP2 (fully_shard), or FSDP1 with "
-                "use_orig_params=True."
-            )
+    # Also the layers FSDP1 wrapped inside a model the optimizer already held (the Trainer's FSDP1
+    # wraps after the optimizer exists): checked again at the first forward.
+    wrapped = [m for m in model.modules() if isinstance(m, FullyShardedDataParallel)]
+    if wrapped:
+        raise ValueError(
+            f"Unsupported model: FSDP1 (FullyShardedDataParallel, {len(wrapped)} module(s) wrapped); "
+            "it checkpoints optimizers with FSDP.optim_state_dict, which needs torch's per-parameter state, and "
+            "without use_orig_params flattens parameters so that single ones cannot be frozen. Accepted: FSDP2 "
+            "(fully_shard; the Trainer's fsdp_config={'version': 2}), DDP(find_unused_parameters=True), or "
+            "BlockCoordinateOptimizer(..., data_parallel=True)."
+        )
     from torch.nn.parallel import DistributedDataParallel
 
     if isinstance(model, DistributedDataParallel) and not model.find_unused_parameters:
@@ -157,6 +161,7 @@ class WrapperWait:
         if self._handle is None:
             return
         check_wrapper_at_first_forward()
+        check_supported(self.model)
         self.close()
         self.on_start(dict(self.model.named_parameters(remove_duplicate=False)))
 

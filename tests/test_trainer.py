@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from datasets import Dataset
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerState, TrainingArguments
 
 import bcd
 from bcd.lab.integrations.transformers import (ShortRunWarning, _unwrap, BlockCoordinateCallback, attach,
@@ -50,7 +52,8 @@ def test_resume_from_a_mid_block_checkpoint_is_bit_identical(tmp_path):
     for (name, a), (_, b) in zip(model.named_parameters(), reference.named_parameters()):
         assert torch.equal(a, b), name
     saved = torch.load(tmp_path / "b" / "checkpoint-4" / "optimizer.pt", weights_only=True)
-    assert saved["schedule"]["step_in_block"] == 1 and saved["schedule"]["global_step"] == 4
+    schedule = bcd.layout.header(saved)["schedule"]
+    assert schedule["step_in_block"] == 1 and schedule["global_step"] == 4
 
 
 def test_training_arguments_reach_the_optimizer(tmp_path):
@@ -97,13 +100,31 @@ def test_bf16_mixed_precision_argument_trains(tmp_path):
     assert changed and len(changed) < len(initial)  # K = 3, 6 steps: two of the five blocks visited
 
 
-def test_the_trainers_fsdp_mode_is_refused(tmp_path, monkeypatch):
-    args = arguments(tmp_path, fsdp=True, fsdp_config={"version": 2})
-    with pytest.raises(ValueError, match=r"FSDP mode .*get_optimizer_state_dict.* Accepted: the Trainer without fsdp"):
-        badam_from_training_args(tiny_llama(layers=2), args)
+def test_the_trainers_fsdp1_is_refused_and_fsdp2_needs_saves_on_visit_boundaries(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"FSDP version 1 .*FSDP.optim_state_dict.* Accepted: FSDP2"):
+        badam_from_training_args(tiny_llama(layers=2), arguments(tmp_path, fsdp=True, fsdp_config={"version": 1}))
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
-    with pytest.raises(ValueError, match=r"FSDP mode"):
+    with pytest.raises(ValueError, match=r"FSDP version 1"):  # accelerate's default version
         badam_from_training_args(tiny_llama(layers=2), arguments(tmp_path))
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert badam_from_training_args(tiny_llama(layers=2), arguments(tmp_path, save_steps=6), switch_every=3)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+
+    model = tiny_llama(layers=2)
+    fsdp2 = arguments(tmp_path, fsdp=True, save_steps=4)  # transformers' default version: 2
+    with pytest.raises(ValueError, match=r"save_steps=4 with switch_every=3 under the Trainer's FSDP2.* Accepted: "
+                                         r"save_steps a multiple of switch_every \(e.g. 3\)"):
+        badam_from_training_args(model, fsdp2, switch_every=3)
+    assert all(p.requires_grad for p in model.parameters())  # refused: the model is as it was
+    optimizer = badam_from_training_args(model, fsdp2, switch_every=2)
+    # A bare optimizer in a Trainer (an FSDP Trainer needs several processes: its parts stand in here).
+    trainer = SimpleNamespace(args=arguments(tmp_path, fsdp=True, save_steps=5), optimizer=optimizer,
+                              callback_handler=SimpleNamespace(callbacks=[]))
+    with pytest.raises(ValueError, match=r"save_steps=5 with switch_every=2"):
+        attach(trainer)
+    with pytest.raises(ValueError, match=r"save_steps=6 with switch_every=4"):  # the resolved steps, at train begin
+        BlockCoordinateCallback().on_train_begin(arguments(tmp_path, fsdp=True, save_steps=0.5), TrainerState(save_steps=6),
+                                                 None, optimizer=badam_from_training_args(model, fsdp2, switch_every=4))
 
 
 def test_evaluate_returns_the_models_metrics_only(tmp_path):

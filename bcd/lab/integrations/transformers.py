@@ -4,9 +4,11 @@ The optimizer needs no adapter: ``Trainer(..., optimizers=(bcd.BAdam(model, ...)
 with the Trainer's LR scheduler, gradient accumulation, ``max_grad_norm`` clipping, bf16,
 periodic checkpoints and ``resume_from_checkpoint`` (bcd's state dict carries the whole block
 schedule), and on several processes with the DDP wrapper the Trainer adds (see
-:mod:`bcd.distributed`). The Trainer's FSDP mode is refused: it checkpoints optimizers through
-``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``, which assumes one state
-entry per parameter. This module adds the two conveniences:
+:mod:`bcd.distributed`) or with FSDP2 (``fsdp=True``, transformers' default version). FSDP2
+checkpoints go through accelerate, which loads the optimizer into a fresh optimizer's template
+(:mod:`bcd.sharded`): only the block position arrives, so every save must fall on a visit
+boundary (``save_steps`` a multiple of ``switch_every``; checked here). FSDP1 is refused (its
+``FSDP.optim_state_dict`` needs torch's per-parameter state). This module adds two conveniences:
 
 - :func:`badam_from_training_args` builds ``bcd.BAdam`` from ``TrainingArguments`` (lr, weight
   decay with the usual no-decay group, betas, eps), so there is one source of truth;
@@ -30,14 +32,39 @@ from bcd.optimizer import BlockCoordinateOptimizer
 MB = 1e6
 
 
-def _refuse_fsdp(fsdp: bool) -> None:
-    if fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+def _fsdp_version(args: TrainingArguments | None) -> int | None:
+    """The FSDP version the Trainer will run with (``fsdp=...`` or ``accelerate launch``'s environment), else None."""
+    if args is not None and args.fsdp:
+        return int((args.fsdp_config or {}).get("version", 2))  # transformers' default: FSDP2
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return int(os.environ.get("FSDP_VERSION", "1"))  # accelerate's default: FSDP1
+    return None
+
+
+def check_fsdp(args: TrainingArguments | None, switch_every: int | None = None, save_steps: Any = None) -> None:
+    """Refuse FSDP1, and FSDP2 runs whose step-wise saves fall inside a visit (see the module docstring).
+
+    Raises:
+        ValueError: naming the version or the steps received and what is accepted.
+    """
+    version = _fsdp_version(args)
+    if version is None:
+        return
+    if version != 2:
         raise ValueError(
-            "Unsupported: bcd with the Trainer's FSDP mode (TrainingArguments(fsdp=...) or an accelerate FSDP config): "
-            "the Trainer saves FSDP optimizer checkpoints with torch.distributed.checkpoint's get_optimizer_state_dict, "
-            "which assumes one optimizer state entry per parameter and would take a step to create it. Accepted: the "
-            "Trainer without fsdp (DDP on several processes), or FSDP2 in your own loop with "
-            "bcd.distributed.full_state_dict for checkpoints (docs/distributed.md)."
+            f"Unsupported: bcd with the Trainer's FSDP version {version} (TrainingArguments(fsdp=...) or an accelerate "
+            "FSDP config): FSDP1 checkpoints optimizers with FSDP.optim_state_dict, which needs torch's per-parameter "
+            "state. Accepted: FSDP2 (fsdp_config={'version': 2}, or fsdp_version: 2 in the accelerate config), or "
+            "the Trainer without fsdp (DDP on several processes)."
+        )
+    steps = save_steps if save_steps is not None else getattr(args, "save_steps", None)
+    strategy = str(getattr(args, "save_strategy", "no")).rsplit(".", 1)[-1].lower()
+    if strategy == "steps" and switch_every and isinstance(steps, (int, float)) and steps >= 1 and steps % switch_every:
+        raise ValueError(
+            f"Unsupported: save_steps={steps} with switch_every={switch_every} under the Trainer's FSDP2: accelerate "
+            "loads an FSDP optimizer checkpoint into a fresh optimizer's template, which carries the block position "
+            "but not a visit's solver state. Accepted: save_steps a multiple of switch_every (e.g. "
+            f"{max(switch_every, round(steps / switch_every) * switch_every)}), so every save falls on a visit boundary."
         )
 
 
@@ -51,9 +78,9 @@ def badam_from_training_args(model: nn.Module, args: TrainingArguments, **kwargs
     (about three block-epochs); a run by epochs keeps BAdam's default K.
 
     Raises:
-        ValueError: ``args`` asks for FSDP (see the module docstring).
+        ValueError: ``args`` asks for FSDP1, or FSDP2 with saves inside a visit (:func:`check_fsdp`).
     """
-    _refuse_fsdp(bool(args.fsdp))
+    check_fsdp(args)
     settings: dict[str, Any] = {
         "lr": args.learning_rate,
         "weight_decay": args.weight_decay,
@@ -65,7 +92,13 @@ def badam_from_training_args(model: nn.Module, args: TrainingArguments, **kwargs
         # The run's length is known: K for about three block-epochs over it (bcd.BAdam's "auto").
         settings.update(switch_every="auto", total_steps=args.max_steps)
     settings.update(kwargs)
-    return BAdam(model, **settings)
+    optimizer = BAdam(model, **settings)
+    try:
+        check_fsdp(args, optimizer.switch_every)
+    except ValueError:
+        optimizer.close()  # a refused call leaves the model as it was
+        raise
+    return optimizer
 
 
 class ShortRunWarning(UserWarning):
@@ -113,6 +146,7 @@ class BlockCoordinateCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         bcd_optimizer = _unwrap(optimizer)
         if bcd_optimizer is not None:
+            check_fsdp(args, bcd_optimizer.switch_every, state.save_steps or None)  # resolved: a fraction is steps now
             warn_if_short(args.max_steps, bcd_optimizer)
 
     def on_log(self, args, state, control, logs=None, model=None, optimizer=None, **kwargs):
@@ -143,9 +177,9 @@ def attach(trainer: Trainer, memory: bool = True) -> BlockCoordinateCallback:
     """Put a :class:`BlockCoordinateCallback` first among ``trainer``'s callbacks and return it.
 
     Raises:
-        ValueError: the Trainer runs in FSDP mode (see the module docstring).
+        ValueError: the Trainer runs FSDP1, or FSDP2 with saves inside a visit (:func:`check_fsdp`).
     """
-    _refuse_fsdp(bool(getattr(trainer, "is_fsdp_enabled", False)))
+    check_fsdp(trainer.args, getattr(_unwrap(trainer.optimizer), "switch_every", None))
     callback = BlockCoordinateCallback(memory=memory)
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback
