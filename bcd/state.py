@@ -283,7 +283,8 @@ def check(saved: Any, optimizer: Optimizing) -> Restore:
         _fail("master_copies are given but solver_state is None; accepted: both or neither (before a visit's first step).")
     elif schedule.step_in_block:
         _fail(f"solver_state is None at step {schedule.step_in_block} of a visit; accepted: the solver state saved "
-              "mid-visit (None only at a visit's first step, step_in_block 0).")
+              "mid-visit (None only at a visit's first step, step_in_block 0). A DCP load into the template of an "
+              "optimizer at another block drops it: load with bcd.sharded.load, or save on visit boundaries.")
     switches = saved.get("switches", 0)  # absent from dicts saved before it was counted
     if not is_int(switches, 0):
         _fail(f"switches is {switches!r}; accepted: an integer >= 0.")
