@@ -57,11 +57,16 @@ class ActiveBlock:
         data_parallel: average each active gradient across ranks as backward produces it.
         deferred: returns True while ``requires_grad`` must not be touched (every candidate stays
             trainable until a wrapper's first forward, see :class:`bcd.distributed.WrapperWait`).
+        buffers: the fp32 buffers kept across visits.
+        lean: keep no fp32 master copies (:class:`bcd.precision.MasterCopies`).
     """
 
     def __init__(self, candidates: dict[str, nn.Parameter], data_parallel: bool, deferred: Callable[[], bool],
-                 buffers: Buffers | None = None) -> None:
+                 buffers: Buffers | None = None, lean: bool = False) -> None:
         self.candidates = candidates
+        self.lean = lean
+        #: Each candidate's fixed position, which seeds its stochastic rounding in the lean precision.
+        self.index = {name: i for i, name in enumerate(candidates)}
         self.data_parallel = data_parallel
         self.deferred = deferred
         self.buffers = buffers if buffers is not None else Buffers()
@@ -129,8 +134,9 @@ class ActiveBlock:
         if self.solver is not None:
             return
         names: Sequence[str] = self.block.param_names
-        entries = [(entry, self.candidates[name], rows) for entry, (name, rows) in zip(names, map(parse_entry, names))]
-        self.masters = MasterCopies(entries, self.buffers)
+        parsed = [parse_entry(entry) for entry in names]
+        entries = [(entry, self.candidates[name], rows) for entry, (name, rows) in zip(names, parsed)]
+        self.masters = MasterCopies(entries, self.buffers, self.lean, [self.index[name] for name, _ in parsed])
         groups, self.solver_group_index = groups_for(dict(zip(names, self.masters.solver_params)))
         self.solver = factory(groups, **options)
         prefill(self.solver, self.buffers)
@@ -146,6 +152,7 @@ class ActiveBlock:
         if self.masters is not None:
             self.masters.check_unchanged()
 
-    def step(self) -> None:
-        """One solver step on the masters from the block's gradients, rounded back into the model."""
-        self.masters.step(self.solver)
+    def step(self, step: int = 0) -> None:
+        """One solver step on the masters from the block's gradients, rounded back into the model
+        (``step``, the optimizer's global step, seeds the lean precision's rounding)."""
+        self.masters.step(self.solver, step)

@@ -122,6 +122,8 @@ class BAdam(BlockCoordinateOptimizer):
         expansion: ``None`` (default), ``"after"`` or ``"all"``: a :func:`bcd.landscape_expansion`
             with that reach, kept as ``self.expansion`` (not on FSDP2: sharded weights are not expanded).
         expansion_scale: its sign step as a multiple of the rate (default 0.25).
+        lean: no fp32 master copies: a bf16 block is stepped in fp32 chunks and stochastically
+            rounded back (:mod:`bcd.precision`), 4 bytes per active element less; opt-in.
         **solver_options: further ``torch.optim.AdamW`` options (``foreach``, ``fused``, ``amsgrad``...);
             ``fused=True`` is the default on CPU and CUDA unless you pass ``fused`` or ``foreach``.
     """
@@ -146,6 +148,7 @@ class BAdam(BlockCoordinateOptimizer):
         total_steps: int | None = None,
         expansion: str | None = None,
         expansion_scale: float = 0.25,
+        lean: bool = False,
         **solver_options: Any,
     ) -> None:
         _check_keywords(solver_options)
@@ -172,6 +175,7 @@ class BAdam(BlockCoordinateOptimizer):
             no_decay=no_decay,
             data_parallel=data_parallel,
             max_block_params=max_block_params,
+            lean=lean,
         )
         #: The landscape expansion asked for with ``expansion=``, or None.
         self.expansion = landscape_expansion(self, expansion_scale, reach=expansion) if expansion is not None else None

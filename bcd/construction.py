@@ -176,6 +176,8 @@ class Composition:
     groups: list[tuple[dict[str, Any], list[str]]]
     awaiting_wrapper: bool
     max_block_params: int | None = None
+    #: No fp32 master copies: low-precision blocks stepped in fp32 scratch, stochastically rounded back.
+    lean: bool = False
     #: fp32 elements by (kind, device) the buffers allocate once (bcd.cost.plan_buffers).
     buffers: dict[tuple[str, torch.device], int] = attrs.field(factory=dict)
 
@@ -229,7 +231,8 @@ def _refuse_sparse(model: nn.Module, candidates: Mapping[str, nn.Parameter]) -> 
 
 def compose(model: Any, *, lr: Any, switch_every: Any, partitioner: Any,
             partitioner_options: Any, order: Any, order_options: Any, solver: Any, solver_options: Any,
-            no_decay: Any, groups: Any, data_parallel: Any, max_block_params: Any = None) -> Composition:
+            no_decay: Any, groups: Any, data_parallel: Any, max_block_params: Any = None,
+            lean: Any = False) -> Composition:
     """Check and resolve the constructor's arguments; see :class:`bcd.BlockCoordinateOptimizer`.
 
     Raises:
@@ -241,6 +244,7 @@ def compose(model: Any, *, lr: Any, switch_every: Any, partitioner: Any,
     positive_int("switch_every", switch_every)
     flag("no_decay", no_decay)
     flag("data_parallel", data_parallel)
+    flag("lean", lean)
     solver_options = _options("solver_options", solver_options)
     if lr is not None:
         if "lr" in solver_options:
@@ -277,6 +281,13 @@ def compose(model: Any, *, lr: Any, switch_every: Any, partitioner: Any,
         raise ValueError(
             f"Invalid solver {solver_name!r}: its factory returned {type(probe).__name__}; accepted: a torch.optim.Optimizer."
         )
+    if lean and (type(probe) not in cost.PREFILLED or any(distributed.sharded(p) for p in candidates.values())):
+        raise ValueError(
+            f"Invalid combination: lean=True with solver {solver_name!r}"
+            f"{' and sharded (FSDP2) parameters' if type(probe) in cost.PREFILLED else ''}; accepted: lean with "
+            "solver 'adam' or 'adamw' over unsharded parameters (their moments are stepped chunk by chunk in fp32 "
+            "scratch), or lean=False (fp32 master copies)."
+        )
     defaults = dict(probe.defaults)
     # torch checks some values (lr, betas) but not all (inf, a bool): the same checks as a group's.
     check_hyperparameters(f"solver_options for solver {solver_name!r}",
@@ -289,5 +300,5 @@ def compose(model: Any, *, lr: Any, switch_every: Any, partitioner: Any,
         ordering_name=ordering_name, schedule=schedule, solver_factory=factory, solver_name=solver_name,
         solver_options=solver_options, defaults=defaults, groups=built_groups,
         awaiting_wrapper=distributed.expects_wrapper(model, data_parallel), max_block_params=max_block_params,
-        buffers=cost.plan_buffers([b.param_names for b in partition], candidates, layout),
+        lean=lean, buffers=cost.plan_buffers([b.param_names for b in partition], candidates, layout, lean),
     )

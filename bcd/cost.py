@@ -4,7 +4,8 @@ Which tensors need fp32 master copies (bf16 and fp16 ones), what the inner solve
 tensor (learnt from the solver itself, so a plugin's counts as torch's do), how much fp32
 gradient is cast at once, and from these the bytes of each kind a block asks for:
 
-- **masters**: :math:`4m_{low}`, fp32 copies of the block's low-precision elements;
+- **masters**: :math:`4m_{low}`, fp32 copies of the block's low-precision elements; in the lean
+  precision (no fp32 copies kept) one chunk of the largest entry, the fp32 scratch it is stepped in;
 - **gradient**: the fp32 gradient cast at once, :math:`4\min(n, C)` for Adam and AdamW stepped
   in row chunks of :math:`C` = :data:`GRADIENT_CHUNK` elements, :math:`4n` for another torch
   solver stepped one tensor at a time (:math:`n` the largest low-precision entry), the block's
@@ -37,6 +38,12 @@ PREFILLED = (torch.optim.Adam, torch.optim.AdamW)
 def needs_master(param: torch.Tensor) -> bool:
     """Whether ``param`` is stored in a precision too low for the solver to update in place."""
     return param.dtype in LOW_PRECISION
+
+
+def keeps_master(param: torch.Tensor, lean: bool) -> bool:
+    """Whether bcd keeps an fp32 copy of ``param`` while its block is active: a low-precision one, unless
+    ``lean`` (a 0-d one still gets its one-element copy: it has no rows to step in chunks)."""
+    return needs_master(param) and not (lean and param.ndim >= 1)
 
 
 def streams(solver: torch.optim.Optimizer) -> bool:
@@ -117,11 +124,12 @@ def layout_or_none(factory: Callable[..., torch.optim.Optimizer], options: Mappi
 
 
 def block_bytes(entries: Sequence[str], params: Mapping[str, torch.Tensor],
-                layout: SolverLayout) -> dict[tuple[str, torch.device], int]:
+                layout: SolverLayout, lean: bool = False) -> dict[tuple[str, torch.device], int]:
     """Bytes by ``(kind, device)`` that training the block of ``entries`` (names or row entries) adds.
 
     Kinds: ``masters``, ``gradient`` (fp32, cast at once) and ``moments`` (per-element solver
-    state). Sharded (DTensor) entries are left out: their solver keeps its own state.
+    state). Sharded (DTensor) entries are left out: their solver keeps its own state. ``lean``:
+    no fp32 copies, a chunk of scratch instead (:class:`bcd.precision.MasterCopies`).
     """
     need: dict[tuple[str, torch.device], int] = {}
     low_block: dict[torch.device, int] = {}
@@ -132,9 +140,10 @@ def block_bytes(entries: Sequence[str], params: Mapping[str, torch.Tensor],
         numel, device = entry_numel(entry, params), param.device
         need[("moments", device)] = need.get(("moments", device), 0) + layout.bytes_per_element * numel
         if needs_master(param):
-            need[("masters", device)] = need.get(("masters", device), 0) + 4 * numel
-            low_block[device] = low_block.get(device, 0) + numel
             cast = min(numel, GRADIENT_CHUNK) if layout.streamed == "chunk" else numel
+            need[("masters", device)] = (max(need.get(("masters", device), 0), 4 * cast) if lean
+                                         else need.get(("masters", device), 0) + 4 * numel)
+            low_block[device] = low_block.get(device, 0) + numel
             need[("gradient", device)] = max(need.get(("gradient", device), 0), 4 * cast)
     if layout.streamed == "block":
         need.update({("gradient", device): 4 * numel for device, numel in low_block.items()})
@@ -142,12 +151,12 @@ def block_bytes(entries: Sequence[str], params: Mapping[str, torch.Tensor],
 
 
 def plan_buffers(blocks: Iterable[Sequence[str]], params: Mapping[str, torch.Tensor],
-                 layout: SolverLayout | None) -> dict[tuple[str, torch.device], int]:
+                 layout: SolverLayout | None, lean: bool = False) -> dict[tuple[str, torch.device], int]:
     """fp32 elements per ``(kind, device)`` for the largest need of each kind among ``blocks``:
     what :class:`bcd.buffers.Buffers` allocates once and keeps across visits (nothing planned
     for a solver of unknown layout: the buffers then grow on demand)."""
     planned: dict[tuple[str, torch.device], int] = {}
     for entries in blocks if layout is not None else ():
-        for key, count in block_bytes(entries, params, layout).items():
+        for key, count in block_bytes(entries, params, layout, lean).items():
             planned[key] = max(planned.get(key, 0), count // 4)
     return planned

@@ -61,8 +61,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         model: the model; its parameters that require grad now are the candidates to train.
         lr: learning rate handed to the solver (its own default when None).
         switch_every: K, ``step()`` calls per block visit (accumulation micro-steps do not count).
-        partitioner: a registered name (``layer``, ``random-subset``, ``per-module``, ``explicit``,
-            a plugin's) or a :class:`bcd.Partitioner` object.
+        partitioner: a registered name (``layer``, ``random-subset``, ``per-module``, ``explicit``, a plugin's) or a Partitioner.
         partitioner_options: keyword options for a partitioner given by name.
         order: a registered name (``ascending``, ``descending``, ``random``, ``fixed``, ``importance``, a plugin's)
             or a :class:`bcd.Ordering` object.
@@ -76,6 +75,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         data_parallel: average the active block's gradients across ranks (:mod:`bcd.distributed`).
         max_block_params: split any partitioner's blocks larger than this many elements by rows
             (``Partition.limit``), so a plugin partitioner gets row blocks without knowing of them.
+        lean: no fp32 master copies: bf16/fp16 blocks stepped in fp32 chunks, stochastically rounded (:mod:`bcd.precision`).
 
     Raises:
         ValueError: any invalid argument, naming the value received and what is accepted.
@@ -97,15 +97,14 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         groups: Sequence[Mapping[str, Any]] | None = None,
         data_parallel: bool = False,
         max_block_params: int | None = None,
+        lean: bool = False,
     ) -> None:
         # Everything is checked before anything changes: a refused call leaves the model as it was.
         previous = owner_of(model)
         plan: Composition = compose(
-            model, lr=lr, switch_every=switch_every,
-            partitioner=partitioner, partitioner_options=partitioner_options, order=order,
-            order_options=order_options, solver=solver, solver_options=solver_options, no_decay=no_decay,
-            groups=groups, data_parallel=data_parallel, max_block_params=max_block_params,
-        )
+            model, lr=lr, switch_every=switch_every, partitioner=partitioner, partitioner_options=partitioner_options,
+            order=order, order_options=order_options, solver=solver, solver_options=solver_options, no_decay=no_decay,
+            groups=groups, data_parallel=data_parallel, max_block_params=max_block_params, lean=lean)
         super().__init__([{**hyper, "params": [plan.candidates[n] for n in names]} for hyper, names in plan.groups],
                          plan.defaults)
         #: The checked pieces this optimizer was built from (names, objects, solver factory, defaults).
@@ -114,7 +113,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         self.partition, self.schedule = plan.partition, plan.schedule
         self._group_names = [names for _, names in plan.groups]
         self._block = ActiveBlock(plan.candidates, data_parallel, lambda: self._wait is not None and self._wait.pending,
-                                  Buffers(plan.buffers))
+                                  Buffers(plan.buffers), plan.lean)
         self._switch_hooks = SwitchHooks()
         #: Block switches so far (a revisit of the same block is none), kept across state dicts.
         self.switches = 0
@@ -225,7 +224,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         schedule = self.schedule.step(grad_norm)  # and a dynamic partitioner's new partition at a new block-epoch:
         partition = (self.partition_for(schedule.block_epoch) if self.composition.partitioner.dynamic
                      and schedule.block_epoch != self.schedule.block_epoch else self.partition)
-        self._block.step()
+        self._block.step(self.schedule.global_step)
         self._advance(schedule, partition)
         return loss
 

@@ -16,6 +16,13 @@ so the fp32 gradient buffer is 64 MB whatever the model. For a block of ``m`` pa
 peak is then ``2m`` (bf16 gradients) ``+ 4m`` (masters) ``+ 8m`` (Adam's moments) and one
 chunk: under the paper's ``16m``. Solvers that are not torch's are stepped once over the
 whole block, with its whole fp32 gradient.
+
+Lean precision (``lean=True``, Adam and AdamW): no fp32 copies are kept. Each chunk of a
+low-precision entry's rows is copied into fp32 scratch (one chunk, reused), stepped with views of
+its moments, and written back to the model stochastically rounded (:mod:`bcd.rounding`, seeded by
+the optimizer step, the tensor and the row, so a resumed run rounds as the uninterrupted one):
+:math:`2m + 8m` and two chunks. The update survives rounding in expectation, not exactly: a weight
+moves by a multiple of its bf16 spacing at each step, with the right mean.
 """
 
 from __future__ import annotations
@@ -25,8 +32,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from bcd import rounding
 from bcd.buffers import Buffers, views
-from bcd.cost import GRADIENT_CHUNK, PREFILLED, needs_master, streams
+from bcd.cost import GRADIENT_CHUNK, PREFILLED, keeps_master, needs_master, streams
 from bcd.distributed import like, sharded
 
 
@@ -43,10 +51,12 @@ class MasterCopies:
     Args:
         entries: ``(entry name, parameter, row range or None)`` for each entry of the block.
         buffers: where low-precision masters live across visits; None allocates them afresh.
+        lean: keep no fp32 copies (see the module docstring); needs ``buffers`` and Adam or AdamW.
+        indices: each entry's tensor index among the candidates, which seeds its rounding (lean).
     """
 
     def __init__(self, entries: Sequence[tuple[str, nn.Parameter, tuple[int, int] | None]],
-                 buffers: Buffers | None = None) -> None:
+                 buffers: Buffers | None = None, lean: bool = False, indices: Sequence[int] = ()) -> None:
         self.names = [name for name, _, _ in entries]
         self.rows = [rows for _, _, rows in entries]
         self.sources = [param for _, param, _ in entries]
@@ -55,10 +65,16 @@ class MasterCopies:
         #: What each parameter was when the visit's solver was built: a step refuses any change.
         self.built_as = {id(p): (p.dtype, p.device) for p in self.params}
         self.buffers = buffers
-        low = [i for i, p in enumerate(self.sources) if needs_master(p)]
+        self.indices = list(indices) or list(range(len(entries)))
+        #: Entries stepped in fp32 scratch chunks and rounded back, with a stand-in as the solver's tensor:
+        #: a zero-stride fp32 view of one element, of the entry's shape (its moments are real).
+        self.lean = {i for i, p in enumerate(self.sources) if needs_master(p) and not keeps_master(p, lean)}
+        zero = {p.device: torch.zeros((), device=p.device) for p in self.sources}  # one element per device, shared
+        stand_ins = {i: zero[self.sources[i].device].expand(_rows(self.sources[i], self.rows[i]).shape) for i in self.lean}
+        low = [i for i, p in enumerate(self.sources) if needs_master(p) and i not in self.lean]
         shapes = [_rows(self.sources[i], self.rows[i]).shape for i in low]
         copies: list[torch.Tensor] = []
-        if low and buffers is not None and not any(sharded(self.sources[i]) for i in low):
+        if low and buffers is not None and not self.lean and not any(sharded(self.sources[i]) for i in low):
             device = self.sources[low[0]].device
             if all(self.sources[i].device == device for i in low):
                 copies = views(buffers.take("masters", device, sum(s.numel() for s in shapes)), shapes)
@@ -66,7 +82,7 @@ class MasterCopies:
                     view.copy_(_rows(self.sources[i].detach(), self.rows[i]))
         if low and not copies:
             copies = [_rows(self.sources[i].detach(), self.rows[i]).to(torch.float32) for i in low]
-        by_index = dict(zip(low, copies))
+        by_index = {**dict(zip(low, copies)), **stand_ins}
         self.solver_params: list[torch.Tensor] = [
             by_index[i] if i in by_index else (p if rows is None else p.detach()[rows[0]:rows[1]])
             for i, (p, rows) in enumerate(zip(self.sources, self.rows))
@@ -91,7 +107,7 @@ class MasterCopies:
                 )
 
     def _is_copy(self, index: int) -> bool:
-        return needs_master(self.sources[index])
+        return needs_master(self.sources[index]) and index not in self.lean
 
     def _gradient(self, index: int, grad: torch.Tensor, buffer: bool) -> torch.Tensor:
         """The solver tensor's gradient: the parameter's (rows), in fp32, in the reused buffer when asked."""
@@ -107,8 +123,9 @@ class MasterCopies:
         if self._is_copy(index):
             _rows(self.sources[index].detach(), self.rows[index]).copy_(self.solver_params[index])
 
-    def step(self, solver: torch.optim.Optimizer) -> None:
-        """One solver step from the parameters' gradients, rounded back into the model.
+    def step(self, solver: torch.optim.Optimizer, step: int = 0) -> None:
+        """One solver step from the parameters' gradients, rounded back into the model (``step``, the
+        optimizer's global step, seeds the lean precision's rounding).
 
         Low-precision gradients are freed once read (the model's ``.grad`` is None after the
         step); an fp32 parameter keeps its gradient, as with any torch optimizer. An entry with no
@@ -136,7 +153,9 @@ class MasterCopies:
                 param.grad = None
         for index, param in enumerate(self.sources):
             grad = grads[id(param)]
-            if grad is not None and self._chunked(solver, index):
+            if grad is not None and index in self.lean:
+                self._step_lean(solver, index, _rows(grad, self.rows[index]), step)
+            elif grad is not None and self._chunked(solver, index):
                 self._step_in_chunks(solver, index, _rows(grad, self.rows[index]))
             elif grad is not None:
                 master = self.solver_params[index]
@@ -179,6 +198,33 @@ class MasterCopies:
             group["params"][position] = master
         state.update(scalars)
         self._write_back(index)
+
+    def _step_lean(self, solver: torch.optim.Optimizer, index: int, grad: torch.Tensor, step: int) -> None:
+        """Step one entry of the lean precision a few rows at a time in fp32 scratch, rounding each chunk back."""
+        stand_in, weights = self.solver_params[index], _rows(self.sources[index].detach(), self.rows[index])
+        state = solver.state[stand_in]
+        group = next(g for g in solver.param_groups if any(p is stand_in for p in g["params"]))
+        position = next(i for i, p in enumerate(group["params"]) if p is stand_in)
+        rows = max(1, GRADIENT_CHUNK // max(1, weights[0].numel()))
+        first_row = self.rows[index][0] if self.rows[index] is not None else 0
+        scalars: dict[str, torch.Tensor] = {}
+        try:
+            for start in range(0, weights.shape[0], rows):
+                chunk = weights[start:start + rows]
+                view = self.buffers.take("masters", chunk.device, chunk.numel()).view(chunk.shape).copy_(chunk)
+                view.grad = self.buffers.take("gradient", chunk.device, chunk.numel()).view(chunk.shape)
+                view.grad.copy_(grad[start:start + rows])
+                solver.state[view] = {k: (v[start:start + rows] if v.ndim else v.clone()) for k, v in state.items()}
+                group["params"][position] = view
+                solver.step()
+                scalars = {k: v for k, v in solver.state.pop(view).items() if not v.ndim}
+                view.grad = None
+                draws = rounding.generator(0, step, self.indices[index], first_row + start, chunk.device)
+                with torch.no_grad():
+                    chunk.copy_(rounding.stochastic_round(view, chunk.dtype, draws))
+        finally:
+            group["params"][position] = stand_in
+        state.update(scalars)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The master copies by entry name (fp32 parameters are not included: the model holds them)."""

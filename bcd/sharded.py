@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
                                                      set_optimizer_state_dict)
 
 from bcd.blocks import entry_shape, parse_entry, rows_entry
-from bcd.cost import needs_master
+from bcd.cost import keeps_master
 from bcd.layout import RECORD
 from bcd.state import Optimizing, canonical, solver_groups
 
@@ -81,7 +81,7 @@ def _placeholders(optimizer: Optimizing, header: dict[str, Any]) -> tuple[dict[s
         # Like the parameter (a DTensor sharded as it is under FSDP2), or a row block's plain rows.
         tensors[mine] = (torch.zeros_like(param, dtype=torch.float32) if rows is None else
                          torch.zeros(entry_shape(mine, optimizer.candidates), dtype=torch.float32, device=param.device))
-        if needs_master(param):
+        if keeps_master(param, optimizer.composition.lean):
             masters[entry] = torch.zeros_like(tensors[mine])
     groups, _ = solver_groups(optimizer.param_groups, optimizer.group_names, tensors)
     solver = optimizer.composition.solver_factory(groups, **optimizer.composition.solver_options)

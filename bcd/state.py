@@ -19,7 +19,7 @@ import torch
 from bcd.blocks import Partition, entry_shape, parse_entry
 from bcd.checks import is_int
 from bcd.contracts import options_of
-from bcd.cost import layout_or_none, needs_master
+from bcd.cost import keeps_master, layout_or_none
 from bcd.groups import check_hyperparameters
 from bcd.schedule import BlockSchedule
 
@@ -86,11 +86,13 @@ def canonical(name: str) -> str:
 
 
 def _canonical_lists(value: Any) -> Any:
-    """Lists of names (a fingerprint, group members) with every string made :func:`canonical`."""
+    """Lists of names (a fingerprint, group members, options) as lists, every string made :func:`canonical`."""
     if isinstance(value, str):
         return canonical(value)
     if isinstance(value, (list, tuple)):
         return [_canonical_lists(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _canonical_lists(v) for k, v in value.items()}
     return value
 
 
@@ -118,7 +120,7 @@ def _check_masters(saved: Any, expected: Mapping[str, tuple[int, ...]]) -> dict[
         got = sorted(saved)[:4] if isinstance(saved, Mapping) else type(saved).__name__
         _fail(
             f"master_copies hold {got!r}, the active block's low-precision parameters are {sorted(expected)[:4]!r}; "
-            "it was saved for another block, or with another model dtype."
+            "it was saved for another block, with another model dtype, or with another lean setting."
         )
     for name, shape in expected.items():
         master = saved[name]
@@ -251,7 +253,8 @@ def check(saved: Any, optimizer: Optimizing) -> Restore:
             f"this optimizer's {[b.name for b in partition][:6]}...."
         )
     mine = options_of(optimizer.composition.partitioner)
-    if saved.get("partitioner_options") is not None and saved["partitioner_options"] != mine:
+    # Compared as lists: a packed dict's header is JSON (tuples come back as lists), an older one kept tuples.
+    if saved.get("partitioner_options") is not None and _canonical_lists(saved["partitioner_options"]) != _canonical_lists(mine):
         _fail(f"it was saved for another partition: partitioner options {saved['partitioner_options']!r}, this optimizer's are {mine!r}.")
     schedule = attrs.evolve(optimizer.schedule, num_blocks=len(partition)).load(saved["schedule"])
     groups = saved["param_groups"]
@@ -273,7 +276,7 @@ def check(saved: Any, optimizer: Optimizing) -> Restore:
     if solver_state is not None:
         solver_state = _check_solver_state(solver_state, optimizer, groups, block.param_names)
         expected = {n: entry_shape(n, optimizer.candidates) for n in block.param_names
-                    if needs_master(optimizer.candidates[parse_entry(n)[0]])}
+                    if keeps_master(optimizer.candidates[parse_entry(n)[0]], optimizer.composition.lean)}
         own = {canonical(n): n for n in expected}
         keyed = saved["master_copies"]
         if isinstance(keyed, Mapping):  # saved under another wrapper: keyed by this model's names

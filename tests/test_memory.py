@@ -92,6 +92,25 @@ def test_live_measure_equals_an_independent_count_and_the_estimate():
     assert after.gradients == 4 * max(max(s) for s in sizes)
 
 
+def test_the_lean_estimate_equals_what_a_lean_optimizer_holds():
+    """lean=True: no fp32 masters, one chunk of fp32 scratch in their place; the moments as with masters."""
+    case = CASES["llama"]
+    model = case.model(dtype=torch.bfloat16)
+    optimizer = bcd.BAdam(model, lr=1e-3, switch_every=10, order="ascending", lean=True)
+    case.loss(model, 0).backward()
+    optimizer.step()
+    live = memory.measure(model, optimizer)
+    params = dict(model.named_parameters())
+    sizes = [[entry_numel(e, params) for e in b.param_names] for b in optimizer.blocks]
+    # The largest entry fits one chunk here; the solver's stand-ins for the entries share one fp32 element.
+    assert live.master_copies == 4 * max(max(s) for s in sizes) + 4
+    report = memory.estimate(model, methods=["badam", "badam-lean"])
+    lean, full = report.method("badam-lean").breakdown, report.method("badam").breakdown
+    assert lean.master_copies == live.master_copies - 4 < full.master_copies
+    assert lean.solver_state == full.solver_state and lean.gradients == full.gradients
+    assert full.total - lean.total == full.master_copies - lean.master_copies
+
+
 def test_measure_counts_shared_storage_once_and_works_for_torch_optimizers():
     model = CASES["gpt2"].model()  # tied embedding and head
     optimizer = torch.optim.AdamW(model.parameters())
@@ -136,7 +155,7 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"Unreadable config"):
         load_config(config=tmp_path / "missing")
     model = build_model(load_config("llama-tiny"))
-    with pytest.raises(ValueError, match=r"Unknown method\(s\): \['sgd'\]; accepted: adam, badam, lora, lomo"):
+    with pytest.raises(ValueError, match=r"Unknown method\(s\): \['sgd'\]; accepted: adam, badam, badam-lean, lora, lomo"):
         memory.estimate(model, methods=["sgd"])
     with pytest.raises(ValueError, match=r"LoRA targets: \['c_attn'\] match no linear layer; .* named .*q_proj"):
         memory.estimate(model, methods=["lora"], lora_targets=["c_attn"])
@@ -160,8 +179,8 @@ def test_every_preset_builds_on_meta():
 def test_cli_json_and_budget_verdict(capsys):
     assert main(["memory", "--preset", "llama-2-7b", "--budget", "24GiB", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert [m["method"] for m in report["methods"]] == ["adam", "badam", "lora", "lomo"]
-    assert report["verdict"].startswith("budget 24GiB: fits: badam, lora, lomo; does not fit: adam")
+    assert [m["method"] for m in report["methods"]] == ["adam", "badam", "badam-lean", "lora", "lomo"]
+    assert report["verdict"].startswith("budget 24GiB: fits: badam, badam-lean, lora, lomo; does not fit: adam")
 
 
 def test_cli_table_names_the_largest_block(capsys):
@@ -219,7 +238,7 @@ def test_every_preset_prints_a_full_table_with_default_flags(preset, capsys):
     assert main(["memory", "--preset", preset]) == 0
     out = capsys.readouterr().out
     rows = [line.split("│")[1].strip() for line in out.splitlines() if line.count("│") > 3]
-    assert {"adam", "badam", "lora", "lomo"} <= set(rows), out
+    assert {"adam", "badam", "badam-lean", "lora", "lomo"} <= set(rows), out
 
 
 def test_bcd_memory_is_reachable_from_a_bare_import_bcd():

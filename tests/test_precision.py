@@ -173,3 +173,96 @@ def test_a_dtype_change_mid_visit_is_refused_at_the_next_step(start, change):
         optimizer.step()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert optimizer.global_step == 1
+
+
+def explicit_rows(model: torch.nn.Module) -> dict:
+    return {"partitioner": "explicit", "partitioner_options": {"blocks": {b.name: b.param_names for b in row_partition(model)}}}
+
+
+def lean_pair(chunk: int, monkeypatch, lean_steps: int = 1):
+    """Two bf16 Llamas, one trained with masters, one lean, with row blocks of the embedding; the
+    lean one's weights before its last step and the master one's fp32 masters after the same step."""
+    monkeypatch.setattr(precision, "GRADIENT_CHUNK", chunk)  # several chunks per entry, cut across rows
+    monkeypatch.setattr(cost, "GRADIENT_CHUNK", chunk)  # and the buffers planned for them
+    case = CASES["llama"]
+    models = [case.model(dtype=torch.bfloat16) for _ in range(2)]
+    optimizers = [bcd.BlockCoordinateOptimizer(m, lr=LR, switch_every=K, lean=lean, **explicit_rows(m))
+                  for m, lean in zip(models, (False, True))]
+    for step in range(lean_steps):
+        for model, optimizer in zip(models, optimizers):
+            case.loss(model, step).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return models, optimizers
+
+
+@pytest.mark.parametrize("chunk", [2**24, 40])
+def test_the_lean_precision_rounds_the_exact_update_to_a_neighbour(chunk, monkeypatch):
+    """From the same weights and gradient, each lean weight is one of the two bf16 neighbours of the
+    fp32 value the master path computes (its master copy): the same Adam step, only rounded."""
+    (master_model, lean_model), (with_masters, lean) = lean_pair(chunk, monkeypatch)
+    assert lean.master_copies.state_dict() == {} and with_masters.master_copies.state_dict()
+    for entry, exact in with_masters.master_copies.state_dict().items():
+        name, rows = parse_entry(entry)
+        got = lean_model.get_parameter(name).detach()
+        got = (got if rows is None else got[rows[0]:rows[1]]).float()
+        down = exact.to(torch.bfloat16).float()
+        up = torch.nextafter(exact.to(torch.bfloat16), torch.where(exact > down, float("inf"), float("-inf"))
+                             .to(torch.bfloat16)).float()
+        assert torch.all((got == down) | (got == up)), entry
+        assert not torch.equal(got, down)  # rounded stochastically, not to nearest everywhere
+
+
+def test_the_lean_precision_keeps_only_a_chunk_of_fp32_scratch(monkeypatch):
+    (_, lean_model), (with_masters, lean) = lean_pair(40, monkeypatch)
+    kept = {kind: flat.numel() for (kind, _), flat in lean.buffers.flat.items()}
+    assert kept["masters"] <= 40 < max(m.numel() for m in with_masters.master_copies.state_dict().values())
+    assert kept["moments"] == {k: f.numel() for (k, _), f in with_masters.buffers.flat.items()}["moments"]
+
+
+def test_the_lean_precision_resumes_bit_identically_mid_visit(monkeypatch):
+    """Its rounding is drawn from the optimizer step, the tensor and the row: nothing else to save."""
+    import copy
+
+    monkeypatch.setattr(precision, "GRADIENT_CHUNK", 40)
+    case = CASES["llama"]
+
+    def run(start=0, state=None, stop=3 * K + 1):
+        model = case.model(dtype=torch.bfloat16)
+        optimizer = bcd.BlockCoordinateOptimizer(model, lr=LR, switch_every=K, order="random", order_options={"seed": 3},
+                                                 lean=True, **explicit_rows(model))
+        if state is not None:
+            model.load_state_dict(state[0])
+            optimizer.load_state_dict(state[1])
+        for step in range(start, stop):
+            case.loss(model, step).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return model, optimizer
+
+    model, optimizer = run(stop=K + 1)  # mid-visit
+    assert optimizer.step_in_block == 1
+    saved = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    uninterrupted, _ = run()
+    resumed, _ = run(K + 1, saved)
+    for (name, a), b in zip(uninterrupted.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_the_lean_precision_needs_adam_or_adamw():
+    with pytest.raises(ValueError, match=r"lean=True with solver 'sgd'; accepted: lean with solver 'adam' or 'adamw'"):
+        bcd.BlockCoordinateOptimizer(CASES["llama"].model(dtype=torch.bfloat16), lr=LR, solver="sgd", lean=True)
+    with pytest.raises(ValueError, match=r"Invalid lean: 'yes'"):
+        bcd.BlockCoordinateOptimizer(CASES["llama"].model(dtype=torch.bfloat16), lr=LR, lean="yes")
+
+
+def test_a_lean_state_dict_does_not_load_into_an_optimizer_with_masters():
+    case = CASES["llama"]
+    model = case.model(dtype=torch.bfloat16)
+    lean = bcd.BlockCoordinateOptimizer(model, lr=LR, switch_every=K, lean=True)
+    case.loss(model, 0).backward()
+    lean.step()  # mid-visit: the solver state is saved, no masters
+    saved = lean.state_dict()
+    other = bcd.BlockCoordinateOptimizer(case.model(dtype=torch.bfloat16), lr=LR, switch_every=K)
+    with pytest.raises(ValueError, match=r"master_copies hold \[\].*another lean setting"):
+        other.load_state_dict(saved)

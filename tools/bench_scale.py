@@ -10,6 +10,7 @@ update (``optimizer.step()``) time per step, and beside them what ``bcd memory``
     python tools/bench_scale.py --shape llama-2-7b --steps 12   # ~15 minutes on a 2-core CPU
     python tools/bench_scale.py --shape llama-3-8b --methods bcd --steps 0   # every block once
     python tools/bench_scale.py --shape llama-3-8b --methods recipe,bcd,lora --steps 4   # the recipe's cost
+    python tools/bench_scale.py --shape llama-3-8b --methods bcd,lean --steps 0   # the lean precision's saving
 
 Big shapes need most of a 23 GiB machine: run them alone. The reference trains the same
 blocks (``include_embedding``/``include_lm_head``) where they fit; at ``llama-3-8b`` its head
@@ -66,12 +67,13 @@ def materialise(shape: str, device: str) -> torch.nn.Module:
 
 def make_optimizer(method: str, model: torch.nn.Module, reference_blocks: str):
     """The optimizer of ``method`` (and for LoRA the adapted model), K = 1 for the block methods."""
-    if method in ("bcd", "recipe"):
+    if method in ("bcd", "recipe", "lean"):
         import bcd
 
-        # recipe: what docs/user-guide.md says to write for a bf16 LLM on one GPU, the expansion over every other block.
+        # recipe: what docs/user-guide.md says to write for a bf16 LLM on one GPU, the expansion over every other block;
+        # lean: no fp32 master copies (lean=True).
         return model, bcd.BAdam(model, lr=1e-5, switch_every=1, order="descending",
-                                expansion="all" if method == "recipe" else None)
+                                expansion="all" if method == "recipe" else None, lean=method == "lean")
     if method == "lora":  # peft's LoRA, r = 8 on the attention's q and v projections, fp32 adapters
         from peft import LoraConfig, get_peft_model
 
@@ -91,7 +93,7 @@ def worker(args: argparse.Namespace) -> dict:
     model = materialise(args.shape, args.device)
     bare = current_rss()
     model, optimizer = make_optimizer(args.worker, model, args.reference_blocks)
-    blocks = (len(optimizer.blocks) if args.worker in ("bcd", "recipe")
+    blocks = (len(optimizer.blocks) if args.worker in ("bcd", "recipe", "lean")
               else len(optimizer.block_prefix_list) if args.worker == "badam" else 1)
     steps = args.steps or blocks
     generator = torch.Generator().manual_seed(1)
@@ -116,11 +118,11 @@ def worker(args: argparse.Namespace) -> dict:
     return result
 
 
-def predicted(shape: str) -> dict:
+def predicted(shape: str, method: str = "badam") -> dict:
     from bcd.lab import memory
     from bcd.lab.presets import build_model
 
-    estimate = memory.estimate(build_model(load_shape(shape)), methods=["badam"]).method("badam")
+    estimate = memory.estimate(build_model(load_shape(shape)), methods=[method]).method(method)
     return {"total": estimate.breakdown.total, "weights": estimate.breakdown.weights,
             "blocks": len(estimate.blocks), "largest": estimate.largest_block, "paper": estimate.paper_formula}
 
@@ -129,7 +131,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=list(SHAPES), default="small")
     parser.add_argument("--methods", default="bcd,badam",
-                        help="comma-separated: bcd, badam, recipe (bcd with expansion='all'), lora (peft, r = 8 on q/v); "
+                        help="comma-separated: bcd, badam, recipe (bcd with expansion='all'), lean (bcd with lean=True), "
+                             "lora (peft, r = 8 on q/v); "
                              "default bcd,badam")
     parser.add_argument("--steps", type=int, default=0, help="steps per method; 0: one per block (default)")
     parser.add_argument("--batch", type=int, default=1)
@@ -170,6 +173,11 @@ def main() -> None:
                   f"{r['cuda_max_reserved'] / GIB:.2f} GiB; estimate / allocated "
                   f"{estimate['total'] / r['cuda_max_allocated']:.3f}")
     by = {r["method"]: r for r in results}
+    if "lean" in by:
+        lean = predicted(args.shape, "badam-lean")
+        print(f"bcd memory predicts {lean['total'] / GIB:.2f} GiB for lean=True without activations; measured "
+              f"{(by['lean']['peak_rss']) / GIB:.2f} GiB peak RSS"
+              + (f" (lean - bcd: {(by['lean']['peak_rss'] - by['bcd']['peak_rss']) / GIB:+.2f} GiB)" if "bcd" in by else ""))
     if {"recipe", "lora"} <= set(by):
         step = {m: by[m]["forward"] + by[m]["backward"] + by[m]["update"] for m in ("recipe", "lora")}
         print(f"recipe / LoRA: peak RSS {by['recipe']['peak_rss'] / by['lora']['peak_rss']:.3f}, "

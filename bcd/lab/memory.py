@@ -37,7 +37,7 @@ from bcd.cost import SolverLayout, block_bytes, plan_buffers, solver_layout
 
 __all__ = ["Breakdown", "LiveMemory", "MemoryEstimate", "estimate", "estimate_activations", "format_size", "measure",
            "parse_size"]
-METHODS = ("adam", "badam", "lora", "lomo")
+METHODS = ("adam", "badam", "badam-lean", "lora", "lomo")
 
 
 @attrs.frozen(kw_only=True)
@@ -107,14 +107,14 @@ def _shard(count: int, world_size: int) -> int:
 
 
 def _block_cost(entries: Sequence[str], params: Mapping[str, torch.Tensor], layout: SolverLayout,
-                fp32_gradient: int, world_size: int = 1) -> Breakdown:
+                fp32_gradient: int, world_size: int = 1, lean: bool = False) -> Breakdown:
     """Bytes of training the block of ``entries`` (names or row entries), beside the weights (:mod:`bcd.cost`).
 
     A partly active tensor (a row block) holds its whole gradient in the model's dtype; low-precision
     entries have fp32 masters and share one fp32 gradient buffer of ``fp32_gradient`` bytes.
     """
     tensors = {parse_entry(e)[0]: params[parse_entry(e)[0]] for e in entries}
-    need = block_bytes(entries, params, layout)
+    need = block_bytes(entries, params, layout, lean)
     kind = lambda name: sum(count for (k, _), count in need.items() if k == name)  # noqa: E731 - over devices
     return Breakdown(
         gradients=_shard(sum(p.numel() * p.element_size() for p in tensors.values()) + fp32_gradient, world_size),
@@ -180,7 +180,7 @@ def estimate(
     Args:
         model: the model, in the dtype it will train in.
         methods: any of ``adam`` (mixed precision when the model is bf16/fp16), ``badam``,
-            ``lora``, ``lomo``.
+            ``badam-lean`` (``lean=True``), ``lora``, ``lomo``.
         partitioner: BAdam's partitioner; its options default to its own (``layer``: every
             parameter, embedding and head split into row blocks no larger than a layer).
         partitioner_options: options for it.
@@ -219,15 +219,16 @@ def estimate(
                 breakdown=attrs.evolve(cost, weights=weights, gradients=gradients),
                 note=f"{solver} over all parameters; fp32 masters for low-precision ones",
             ))
-        elif method == "badam":
+        elif method in ("badam", "badam-lean"):
+            lean = method == "badam-lean"
             partition = resolve_partition(model, partitioner, partitioner_options or {}, params, max_block_params)[2]
-            buffer = sum(4 * n for (kind, _), n in plan_buffers([b.param_names for b in partition], params, layout).items()
-                         if kind == "gradient")
+            buffer = sum(4 * n for (kind, _), n in plan_buffers([b.param_names for b in partition], params, layout,
+                                                                 lean).items() if kind == "gradient")
             figures = tuple(
                 BlockFigure(
                     name=block.name,
                     params=block_numel(block, params),
-                    bytes=_block_cost(block.param_names, params, layout, buffer, world_size),
+                    bytes=_block_cost(block.param_names, params, layout, buffer, world_size, lean),
                 )
                 for block in partition
             )
@@ -236,9 +237,10 @@ def estimate(
             peak = Breakdown(weights=weights, **{k: max(getattr(f.bytes, k) for f in figures)
                                                   for k in ("gradients", "solver_state", "master_copies")})
             results.append(MethodEstimate(
-                method="badam",
+                method=method,
                 breakdown=peak,
-                note=f"{partitioner} partition, D={len(figures)}; peak set by block {largest.name!r}",
+                note=f"{partitioner} partition, D={len(figures)}; peak set by block {largest.name!r}"
+                     + ("; no fp32 masters (lean=True)" if lean else ""),
                 blocks=figures,
                 largest_block=largest.name,
                 paper_formula=_shard(2 * total + 16 * total // len(figures), world_size),
