@@ -121,8 +121,10 @@ def unpack(saved: Any, optimizer: Optimizing) -> Any:
         _fail(f"param_groups[0]['{RECORD}'] holds a 'solver_state' or 'master_copies' that is not a dict; "
               "accepted: what state_dict() wrote.")
     per_parameter = saved.get("state", {})
-    if not isinstance(per_parameter, Mapping) or any(v for v in per_parameter.values()):
-        held = {k: sorted(map(str, v)) for k, v in per_parameter.items() if v} if isinstance(per_parameter, Mapping) else per_parameter
+    empty = lambda value: isinstance(value, Mapping) and not value  # noqa: E731
+    if not isinstance(per_parameter, Mapping) or not all(map(empty, per_parameter.values())):
+        held = ({k: sorted(map(str, v)) if isinstance(v, Mapping) else type(v).__name__
+                 for k, v in per_parameter.items() if not empty(v)} if isinstance(per_parameter, Mapping) else per_parameter)
         _fail(f"'state' holds per-parameter state {held!r:.120}; accepted: empty entries (bcd keeps the active "
               f"block's solver state in param_groups[0]['{RECORD}']): this dict was not written by bcd.")
     schedule = plain.get("schedule")

@@ -189,6 +189,7 @@ PACKED_CASES = {
     "global_step of another step": (in_record("global_step", lambda s: s + 1), r"\['global_step'\] is tensor\(\[5\]\).*equal to the header's schedule.global_step \(4\)"),
     "global_step a float": (in_record("global_step", lambda s: s.double()), r"one-element integer tensor"),
     "per-parameter state": (set_in(["state", 0], {"exp_avg": torch.zeros(1)}), r"'state' holds per-parameter state .*not written by bcd"),
+    "a tensor as a parameter's state": (set_in(["state", 0], torch.zeros(3)), r"per-parameter state \{0: 'Tensor'\}"),
     "a member index past the parameters": (set_in(["param_groups", 1, "params"], lambda p: [*p[:-1], 999]), r"other members"),
     "a member a float": (set_in(["param_groups", 1, "params"], lambda p: [*p[:-1], 1.0]), r"holds 1.0; accepted: parameter indices"),
     "groups' members swapped": (lambda sd: {**sd, "param_groups": [
