@@ -153,12 +153,18 @@ def work(rank: int, world: int, mode: str, out: str) -> None:
     elif mode.startswith("dcp"):
         import torch.distributed.checkpoint as dcp
 
-        directory = os.path.join(os.path.dirname(out), "dcp")
-        model, forward = wrap(build(), "fsdp2", world)
+        bf16 = "bf16" in mode  # bf16 weights: fp32 master copies, sharded DTensors, are in the checkpoint too
+        directory = os.path.join(os.path.dirname(out), "dcp-bf16" if bf16 else "dcp")
+        model, forward = wrap(build(torch.bfloat16 if bf16 else torch.float32), "fsdp2", world)
         optimizer = optimizer_for(model)
-        if mode == "dcp-save":
+        if mode.endswith("save"):
             train(model, forward, optimizer, batches(5), rank, world)  # K = 2: step 5 is mid-block
             dcp.save(dcp_state(model, optimizer), checkpoint_id=directory)
+            gathered = distributed.full_state_dict(optimizer)["param_groups"][0]["bcd"]
+            if rank == 0:
+                torch.save(gathered, os.path.join(directory, "gathered.pt"))
+        elif mode.endswith("uninterrupted"):
+            train(model, forward, optimizer, batches(STEPS), rank, world)
         else:
             dcp_resume(model, forward, optimizer, directory, rank, world)
     elif mode.startswith("accelerate-fsdp"):
@@ -505,3 +511,31 @@ def test_accelerates_fsdp2_checkpoints_which_the_trainer_writes_resume_exactly(k
     resumed = torch.load(spawn(f"accelerate-fsdp-{kind}-load", tmp_path), weights_only=True)
     for name, value in uninterrupted.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_bf16_dcp_checkpoint_carries_the_sharded_master_copies(tmp_path):
+    """bf16 weights: the fp32 masters and moments, DTensors on 2 ranks, come back whole on 1 process and resharded on 2."""
+    uninterrupted = torch.load(spawn("dcp-bf16-uninterrupted", tmp_path), weights_only=True)
+    spawn("dcp-bf16-save", tmp_path)
+    resumed = torch.load(spawn("dcp-bf16-load", tmp_path), weights_only=True)
+    for name, value in uninterrupted.items():  # the same ranks and reduction order: the same bits
+        assert torch.equal(resumed[name], value), name
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    directory = str(tmp_path / "dcp-bf16")
+    model = build(torch.bfloat16)
+    weights = {"model": get_model_state_dict(model)}
+    dcp.load(weights, checkpoint_id=directory)
+    set_model_state_dict(model, weights["model"])
+    optimizer = optimizer_for(model)
+    bcd.sharded.load(model, optimizer, directory)
+    gathered = torch.load(tmp_path / "dcp-bf16" / "gathered.pt", weights_only=True)
+    masters = optimizer.master_copies.state_dict()
+    assert masters and masters.keys() == gathered["master_copies"].keys()
+    for name, master in masters.items():
+        assert torch.equal(master, gathered["master_copies"][name]), name
+    for index, entry in optimizer.solver.state_dict()["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(value, gathered["solver_state"]["state"][index][key]), (index, key)
