@@ -153,10 +153,8 @@ class MasterCopies:
                 param.grad = None
         for index, param in enumerate(self.sources):
             grad = grads[id(param)]
-            if grad is not None and index in self.lean:
-                self._step_lean(solver, index, _rows(grad, self.rows[index]), step)
-            elif grad is not None and self._chunked(solver, index):
-                self._step_in_chunks(solver, index, _rows(grad, self.rows[index]))
+            if grad is not None and (index in self.lean or self._chunked(solver, index)):
+                self._step_in_chunks(solver, index, _rows(grad, self.rows[index]), step)
             elif grad is not None:
                 master = self.solver_params[index]
                 master.grad = self._gradient(index, grad, buffer=True)
@@ -175,18 +173,23 @@ class MasterCopies:
         return (type(solver) in PREFILLED and self._is_copy(index) and self.buffers is not None and master.ndim >= 1
                 and master.numel() > GRADIENT_CHUNK and master in solver.state and not sharded(master))
 
-    def _step_in_chunks(self, solver: torch.optim.Optimizer, index: int, grad: torch.Tensor) -> None:
-        """Step one large entry a few rows at a time: each chunk's master and moments are views,
-        its fp32 gradient a part of one buffer; every chunk starts from the same step count."""
-        master = self.solver_params[index]
+    def _step_in_chunks(self, solver: torch.optim.Optimizer, index: int, grad: torch.Tensor, step: int = 0) -> None:
+        """Step one entry a few rows at a time: each chunk's moments are views, its fp32 gradient a part
+        of one buffer; every chunk starts from the same step count. The chunk stepped is a view of the
+        entry's master or, in the lean precision, its weights copied into fp32 scratch and, stepped,
+        stochastically rounded back (seeded by ``step``, the tensor and the row)."""
+        master, lean = self.solver_params[index], index in self.lean
+        weights = _rows(self.sources[index].detach(), self.rows[index]) if lean else master
         state = solver.state[master]
         group = next(g for g in solver.param_groups if any(p is master for p in g["params"]))
         position = next(i for i, p in enumerate(group["params"]) if p is master)
-        rows = max(1, GRADIENT_CHUNK // max(1, master[0].numel()))
+        rows = max(1, GRADIENT_CHUNK // max(1, weights[0].numel()))
+        first_row = self.rows[index][0] if self.rows[index] is not None else 0
         scalars: dict[str, torch.Tensor] = {}
         try:
-            for start in range(0, master.shape[0], rows):
-                view = master[start:start + rows]
+            for start in range(0, weights.shape[0], rows):
+                chunk = weights[start:start + rows]
+                view = self.buffers.take("masters", chunk.device, chunk.numel()).view(chunk.shape).copy_(chunk) if lean else chunk
                 view.grad = self.buffers.take("gradient", grad.device, view.numel()).view(view.shape)
                 view.grad.copy_(grad[start:start + rows])
                 solver.state[view] = {k: (v[start:start + rows] if v.ndim else v.clone()) for k, v in state.items()}
@@ -194,37 +197,15 @@ class MasterCopies:
                 solver.step()
                 scalars = {k: v for k, v in solver.state.pop(view).items() if not v.ndim}
                 view.grad = None
+                if lean:
+                    draws = rounding.generator(0, step, self.indices[index], first_row + start, chunk.device)
+                    with torch.no_grad():
+                        chunk.copy_(rounding.stochastic_round(view, chunk.dtype, draws))
         finally:
             group["params"][position] = master
         state.update(scalars)
-        self._write_back(index)
-
-    def _step_lean(self, solver: torch.optim.Optimizer, index: int, grad: torch.Tensor, step: int) -> None:
-        """Step one entry of the lean precision a few rows at a time in fp32 scratch, rounding each chunk back."""
-        stand_in, weights = self.solver_params[index], _rows(self.sources[index].detach(), self.rows[index])
-        state = solver.state[stand_in]
-        group = next(g for g in solver.param_groups if any(p is stand_in for p in g["params"]))
-        position = next(i for i, p in enumerate(group["params"]) if p is stand_in)
-        rows = max(1, GRADIENT_CHUNK // max(1, weights[0].numel()))
-        first_row = self.rows[index][0] if self.rows[index] is not None else 0
-        scalars: dict[str, torch.Tensor] = {}
-        try:
-            for start in range(0, weights.shape[0], rows):
-                chunk = weights[start:start + rows]
-                view = self.buffers.take("masters", chunk.device, chunk.numel()).view(chunk.shape).copy_(chunk)
-                view.grad = self.buffers.take("gradient", chunk.device, chunk.numel()).view(chunk.shape)
-                view.grad.copy_(grad[start:start + rows])
-                solver.state[view] = {k: (v[start:start + rows] if v.ndim else v.clone()) for k, v in state.items()}
-                group["params"][position] = view
-                solver.step()
-                scalars = {k: v for k, v in solver.state.pop(view).items() if not v.ndim}
-                view.grad = None
-                draws = rounding.generator(0, step, self.indices[index], first_row + start, chunk.device)
-                with torch.no_grad():
-                    chunk.copy_(rounding.stochastic_round(view, chunk.dtype, draws))
-        finally:
-            group["params"][position] = stand_in
-        state.update(scalars)
+        if not lean:
+            self._write_back(index)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The master copies by entry name (fp32 parameters are not included: the model holds them)."""
