@@ -47,16 +47,22 @@ def saved_header(checkpoint_id: str, key: str = "optimizer") -> dict[str, Any]:
     Raises:
         ValueError: the checkpoint holds no bcd optimizer state under ``key``.
     """
+    return _read_header(checkpoint_id, key)[0]
+
+
+def _read_header(checkpoint_id: str, key: str) -> tuple[dict[str, Any], set[str]]:
+    """:func:`saved_header`, and the names of every item the checkpoint holds (its metadata, read once)."""
     reader = dcp.FileSystemReader(checkpoint_id)
+    items = set(reader.read_metadata().state_dict_metadata)
     item = _item(key, "header")
-    if item not in reader.read_metadata().state_dict_metadata:
+    if item not in items:
         raise ValueError(f"Invalid checkpoint: {checkpoint_id!r} holds no bcd optimizer state under {key!r} (no item "
                          f"{item!r}); accepted: a DCP checkpoint saved with {{{key!r}: get_optimizer_state_dict(model, "
                          "optimizer)}} from a bcd optimizer.")
     loaded = {item: ""}
     dcp.load(loaded, storage_reader=reader)
     try:
-        return dict(json.loads(loaded[item]))
+        return dict(json.loads(loaded[item])), items
     except (TypeError, ValueError):
         raise ValueError(f"Invalid checkpoint: its {item!r} is {loaded[item]!r:.80}; accepted: the JSON object "
                          "BlockCoordinateOptimizer.state_dict() saved.") from None
@@ -101,11 +107,10 @@ def load(model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint_id: str,
         ValueError: the checkpoint holds no bcd state, or one that does not fit ``optimizer``
             (nothing changed then).
     """
-    header = saved_header(checkpoint_id, key)
+    header, items = _read_header(checkpoint_id, key)
     template = get_optimizer_state_dict(model, optimizer, options=options)
     record = template["param_groups"][0][RECORD]
-    metadata = dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata
-    if any(item.startswith(_item(key, "solver_state", "")) for item in metadata):  # saved mid-visit
+    if any(item.startswith(_item(key, "solver_state", "")) for item in items):  # saved mid-visit
         record["solver_state"], record["master_copies"] = _placeholders(optimizer, header)
     else:
         record["solver_state"], record["master_copies"] = {}, {}
