@@ -362,12 +362,22 @@ def test_trainer_with_gradient_checkpointing_needs_ddp_find_unused_parameters(tm
     assert result.keys() == single_process.keys()
 
 
-def test_save_on_two_ranks_resume_on_two_and_on_one(tmp_path, single_process):
-    uninterrupted = torch.load(spawn("fsdp2", tmp_path), weights_only=True)
-    spawn("resume-save", tmp_path)
-    resumed_on_two = torch.load(spawn("resume-load", tmp_path), weights_only=True)
+@pytest.fixture(scope="module")
+def fsdp2_uninterrupted(tmp_path_factory):
+    """The whole run on 2 FSDP2 ranks, which every save-and-resume test below continues."""
+    return torch.load(spawn("fsdp2", tmp_path_factory.mktemp("uninterrupted")), weights_only=True)
+
+
+def resumes_on_two_ranks(save: str, load: str, tmp_path, uninterrupted: dict) -> None:
+    """Save with mode ``save`` on 2 FSDP2 ranks, resume with ``load`` on 2: within 1e-6 of the uninterrupted run."""
+    spawn(save, tmp_path)
+    resumed = torch.load(spawn(load, tmp_path), weights_only=True)
     for name, value in uninterrupted.items():
-        torch.testing.assert_close(resumed_on_two[name], value, rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)
+
+
+def test_save_on_two_ranks_resume_on_two_and_on_one(tmp_path, single_process, fsdp2_uninterrupted):
+    resumes_on_two_ranks("resume-save", "resume-load", tmp_path, fsdp2_uninterrupted)
 
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # full tensors: loads without a process group
     model = build()
@@ -487,13 +497,10 @@ def dcp_resume(model, forward, optimizer, directory: str, rank: int = 0, world: 
     train(model, forward, optimizer, batches(STEPS)[5:], rank, world)
 
 
-def test_a_dcp_checkpoint_saved_on_two_fsdp2_ranks_resumes_on_two_and_on_one(tmp_path, single_process):
+def test_a_dcp_checkpoint_saved_on_two_fsdp2_ranks_resumes_on_two_and_on_one(tmp_path, single_process,
+                                                                              fsdp2_uninterrupted):
     """get_optimizer_state_dict + dcp.save mid-visit on 2 ranks; bcd.sharded.load on 2 ranks and on 1 process."""
-    uninterrupted = torch.load(spawn("fsdp2", tmp_path), weights_only=True)
-    spawn("dcp-save", tmp_path)
-    resumed_on_two = torch.load(spawn("dcp-load", tmp_path), weights_only=True)
-    for name, value in uninterrupted.items():
-        torch.testing.assert_close(resumed_on_two[name], value, rtol=0, atol=1e-6, msg=name)
+    resumes_on_two_ranks("dcp-save", "dcp-load", tmp_path, fsdp2_uninterrupted)
 
     model = build()  # one process, no process group, no FSDP: the shards are read into plain tensors
     optimizer = optimizer_for(model)
@@ -503,14 +510,10 @@ def test_a_dcp_checkpoint_saved_on_two_fsdp2_ranks_resumes_on_two_and_on_one(tmp
 
 
 @pytest.mark.parametrize("kind", ["full", "sharded"])
-def test_accelerates_fsdp2_checkpoints_which_the_trainer_writes_resume_exactly(kind, tmp_path):
+def test_accelerates_fsdp2_checkpoints_which_the_trainer_writes_resume_exactly(kind, tmp_path, fsdp2_uninterrupted):
     """Saved at a visit boundary: accelerate loads into a fresh optimizer's template (sharded) or hands
     other ranks only its keys (full, from rank 0), so a visit's tensors would not arrive; the position does."""
-    uninterrupted = torch.load(spawn("fsdp2", tmp_path), weights_only=True)
-    spawn(f"accelerate-fsdp-{kind}-save", tmp_path)
-    resumed = torch.load(spawn(f"accelerate-fsdp-{kind}-load", tmp_path), weights_only=True)
-    for name, value in uninterrupted.items():
-        torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)
+    resumes_on_two_ranks(f"accelerate-fsdp-{kind}-save", f"accelerate-fsdp-{kind}-load", tmp_path, fsdp2_uninterrupted)
 
 
 def test_a_bf16_dcp_checkpoint_carries_the_sharded_master_copies(tmp_path):
