@@ -24,9 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from bcd import distributed
 from bcd.checks import positive_int
 from bcd.construction import resolve_partition
-from bcd.expansion import check_expansion, landscape_expansion
+from bcd.expansion import REACHES, check_expansion, landscape_expansion
 from bcd.optimizer import BlockCoordinateOptimizer
 
 
@@ -48,20 +49,30 @@ def _check_keywords(solver_options: dict[str, Any]) -> None:
         )
 
 
-#: ``switch_every=AUTO``: K from the run length, about three block-epochs over ``total_steps``.
+#: ``switch_every=AUTO``: K from the run length, about three block-epochs over ``total_steps``;
+#: ``expansion=AUTO``: the expansion over every block when the run length is given.
 AUTO = "auto"
+#: K when the run length is not given: the paper's, for runs of thousands of steps.
+PAPER_SWITCH_EVERY = 100
+#: The expansion's sign step as a multiple of the rate (docs/benchmarks.md, "Quality", has its sweep).
+EXPANSION_SCALE = 0.25
 #: Block-epochs a run of ``total_steps`` makes with ``switch_every="auto"`` (docs/benchmarks.md, "Quality").
 AUTO_BLOCK_EPOCHS = 3
 
 
 def _resolve_switch_every(model: nn.Module, switch_every: Any, total_steps: Any, options: dict[str, Any],
                           max_block_params: Any) -> Any:
-    """K for ``switch_every="auto"``: ``max(1, total_steps // (3 D))``, D from the partition BAdam will use.
+    """K: ``switch_every`` as given, or for ``"auto"`` ``max(1, total_steps // (3 D))``, D from the partition
+    BAdam will use; by default ``"auto"`` when ``total_steps`` is given and 100 when it is not.
 
     Raises:
         ValueError: ``"auto"`` without ``total_steps``, or ``total_steps`` not an integer >= 1.
     """
+    if switch_every is None:  # the default: "auto" with the run length, the paper's K without
+        switch_every = PAPER_SWITCH_EVERY if total_steps is None else AUTO
     if total_steps is None:
+        if switch_every != AUTO:
+            return switch_every
         raise ValueError(f"Invalid switch_every: {switch_every!r} needs the run length; accepted: "
                          "switch_every='auto' with total_steps=N (the run's optimizer steps), or an integer K.")
     positive_int("total_steps", total_steps)
@@ -69,6 +80,19 @@ def _resolve_switch_every(model: nn.Module, switch_every: Any, total_steps: Any,
         return switch_every  # K given: total_steps is only the run length
     blocks = len(resolve_partition(model, "layer", options, max_block_params=max_block_params)[2])
     return max(1, total_steps // (AUTO_BLOCK_EPOCHS * blocks))
+
+
+def _resolve_expansion(model: nn.Module, expansion: Any, total_steps: Any) -> Any:
+    """The expansion's reach: ``expansion`` as given, or for ``"auto"`` (the default) ``"all"`` when
+    the run length is given and no parameter is sharded (FSDP2's are not expanded), else None."""
+    if expansion != AUTO:
+        if expansion is not None and expansion not in REACHES:
+            raise ValueError(f"Invalid expansion: {expansion!r}; accepted: 'auto' (the default: 'all' with total_steps), "
+                             f"None, {' or '.join(map(repr, REACHES))}.")
+        return expansion
+    if total_steps is None or any(distributed.sharded(p) for p in model.parameters()):
+        return None
+    return "all"
 
 
 class BAdam(BlockCoordinateOptimizer):
@@ -84,10 +108,14 @@ class BAdam(BlockCoordinateOptimizer):
     - ``order="random"``: Algorithm 1 draws a fresh order each block-epoch (random
       reshuffling); ``"importance"`` (blocks drawn by their gradient norm, MISA-style),
       ``"ascending"``, ``"descending"`` and ``"fixed"`` are the alternatives.
-    - ``switch_every=100``: K, Adam steps per block visit (the paper's, for runs of thousands of
-      steps). For a shorter run pick K so that it makes at least three block-epochs,
-      K = steps / (3D): ``switch_every="auto", total_steps=steps`` does that for you (the
-      Trainer integration passes its ``max_steps``).
+    - The run length, ``total_steps``, turns on the recipe measured in docs/benchmarks.md
+      ("Quality"): K = steps / (3D), for three block-epochs over the run, and the landscape
+      expansion over every block (``expansion="all"``: each step, every block but the active
+      one takes a stateless sign step from the gradient backward computes on its way). The
+      Trainer integration passes its ``max_steps``. Without ``total_steps``, Algorithm 1:
+      K = 100 (the paper's, for runs of thousands of steps) and no expansion.
+      ``expansion=None`` keeps backward stopping at the active block, the least activation
+      memory, at the accuracy the benchmarks show for it.
     - ``betas=(0.9, 0.999)``, ``eps=1e-8``: Adam's standard values, which Algorithm 1 uses.
     - ``weight_decay=0.0``: Algorithm 1 is plain Adam. A value you set is used exactly, with
       decoupled (AdamW) decay; with 0 the update is Adam's.
@@ -104,7 +132,8 @@ class BAdam(BlockCoordinateOptimizer):
     Args:
         model: the model, ideally in bf16 (fp32 master copies then exist for the active block only).
         lr: learning rate.
-        switch_every: K.
+        switch_every: K; ``"auto"`` (the default with ``total_steps``) for three block-epochs over
+            the run; the default without it is 100.
         order: ``random``, ``importance``, ``ascending``, ``descending``, ``fixed`` or a plugin ordering.
         weight_decay: decoupled weight decay.
         betas: Adam's moment coefficients.
@@ -118,9 +147,11 @@ class BAdam(BlockCoordinateOptimizer):
             layer's. Larger blocks are split by rows.
         no_decay: exempt biases and norm weights from weight decay.
         data_parallel: average the active block's gradients across ranks (see :mod:`bcd.distributed`).
-        total_steps: the run's optimizer steps; needed by ``switch_every="auto"``.
-        expansion: ``None`` (default), ``"after"`` or ``"all"``: a :func:`bcd.landscape_expansion`
-            with that reach, kept as ``self.expansion`` (not on FSDP2: sharded weights are not expanded).
+        total_steps: the run's optimizer steps; with it the defaults are the recipe (above).
+        expansion: ``"auto"`` (default: ``"all"`` with ``total_steps`` unless parameters are
+            FSDP2-sharded, else none), ``None``, ``"after"`` or ``"all"``: a
+            :func:`bcd.landscape_expansion` with that reach, kept as ``self.expansion`` (refused
+            on FSDP2: sharded weights are not expanded).
         expansion_scale: its sign step as a multiple of the rate (default 0.25).
         lean: no fp32 master copies: a bf16 block is stepped in fp32 chunks and stochastically
             rounded back (:mod:`bcd.precision`), 4 bytes per active element less; opt-in.
@@ -133,7 +164,7 @@ class BAdam(BlockCoordinateOptimizer):
         model: nn.Module,
         lr: float = 1e-5,
         *,
-        switch_every: int = 100,
+        switch_every: int | str | None = None,
         order: str = "random",
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -146,8 +177,8 @@ class BAdam(BlockCoordinateOptimizer):
         no_decay: bool = False,
         data_parallel: bool = False,
         total_steps: int | None = None,
-        expansion: str | None = None,
-        expansion_scale: float = 0.25,
+        expansion: str | None = AUTO,
+        expansion_scale: float = EXPANSION_SCALE,
         lean: bool = False,
         **solver_options: Any,
     ) -> None:
@@ -158,8 +189,8 @@ class BAdam(BlockCoordinateOptimizer):
         if start_block is not None:
             order_options["start_block"] = start_block
         partitioner_options = {"include_embedding": include_embedding, "include_head": include_head}
-        if switch_every == AUTO or total_steps is not None:
-            switch_every = _resolve_switch_every(model, switch_every, total_steps, partitioner_options, max_block_params)
+        switch_every = _resolve_switch_every(model, switch_every, total_steps, partitioner_options, max_block_params)
+        expansion = _resolve_expansion(model, expansion, total_steps)
         if expansion is not None:  # checked before anything changes: a refused expansion leaves the model alone
             check_expansion(expansion_scale, True, expansion, 0)
         super().__init__(

@@ -67,7 +67,7 @@ def test_switch_every_auto_makes_three_block_epochs_over_the_run():
 @pytest.mark.parametrize("kwargs, match", [
     ({"switch_every": "auto"}, r"switch_every: 'auto' needs the run length; accepted: switch_every='auto' with total_steps"),
     ({"switch_every": "auto", "total_steps": 0}, r"Invalid total_steps: 0; accepted: an integer >= 1"),
-    ({"expansion": "before"}, r"Invalid reach: 'before'; accepted: 'after' or 'all'"),
+    ({"expansion": "before"}, r"Invalid expansion: 'before'; accepted: 'auto' \(the default: 'all' with total_steps\), None, 'after' or 'all'"),
     ({"expansion": "all", "expansion_scale": -1}, r"Invalid scale: -1"),
 ])
 def test_refused_recipe_options_change_nothing(kwargs, match):
@@ -88,3 +88,22 @@ def test_the_expansion_as_an_option_and_every_parameter_trained_within_one_block
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         train(model, optimizer, case, steps or len(optimizer.blocks))
         assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters()), expansion
+
+
+def test_the_run_length_turns_on_the_recipe_and_every_bf16_parameter_moves_at_the_first_step(monkeypatch):
+    """bcd.BAdam(model, lr, total_steps=N): K for three block-epochs and the expansion over every block;
+    without N, Algorithm 1; on FSDP2-sharded parameters, no expansion (they are not expanded)."""
+    case = CASES["llama"]
+    model = case.model().to(torch.bfloat16)
+    optimizer = bcd.BAdam(model, lr=4e-2, total_steps=12)  # D = 4: K = 12 // (3 x 4) = 1; a sign step of 1e-2
+    assert (optimizer.switch_every, optimizer.expansion.reach) == (1, "all")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, optimizer, case, 1)
+    # The active block by its solver, every other one by a sign step stochastically rounded to bf16.
+    assert [n for n, p in model.named_parameters() if torch.equal(p, before[n])] == []
+    optimizer.close()
+    paper = bcd.BAdam(case.model())
+    assert (paper.switch_every, paper.expansion) == (100, None)
+    paper.close()
+    monkeypatch.setattr(bcd.distributed, "sharded", lambda tensor: True)
+    assert bcd.BAdam(case.model(), total_steps=12).expansion is None

@@ -96,8 +96,21 @@ def test_bf16_mixed_precision_argument_trains(tmp_path):
     initial = {n: p.detach().to(torch.bfloat16) for n, p in tiny_llama(layers=3).named_parameters()}
     losses, model, trainer = run(arguments(tmp_path, bf16=True, max_steps=6))
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    # K = 3, 6 steps: two of the five blocks visited; with max_steps the recipe's expansion moves the
+    # other three too, every bf16 step stochastically rounded (a rounded-to-nearest one would vanish).
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, initial[n])]
-    assert changed and len(changed) < len(initial)  # K = 3, 6 steps: two of the five blocks visited
+    assert changed == list(initial)
+
+
+def test_the_recipe_follows_the_run_length_and_accumulation(tmp_path):
+    """max_steps turns on bcd.BAdam's recipe; one process divides the expansion's scale by the micro-batches."""
+    model = tiny_llama(layers=2)
+    recipe = badam_from_training_args(model, arguments(tmp_path, max_steps=120, gradient_accumulation_steps=4))
+    assert (recipe.switch_every, recipe.expansion.reach, recipe.expansion.scale) == (10, "all", 0.25 / 4)
+    recipe.close()
+    assert badam_from_training_args(model, arguments(tmp_path, max_steps=120, gradient_accumulation_steps=1)).expansion.scale == 0.25
+    by_epochs = badam_from_training_args(model, arguments(tmp_path, max_steps=-1, num_train_epochs=1))
+    assert (by_epochs.switch_every, by_epochs.expansion) == (100, None)
 
 
 def test_the_trainers_fsdp1_is_refused_and_fsdp2_needs_saves_on_visit_boundaries(tmp_path, monkeypatch):

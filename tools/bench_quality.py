@@ -61,7 +61,11 @@ SWEEP = {
     "bcd-expansion-all": (1e-4, 2e-4, 3e-4),
 }
 # Methods measured when asked for by --methods, not by default.
-EXTRA = {"bcd-warmup": (2e-4, 4e-4), "bcd-sgd": (1e-2, 3e-2, 1e-1), "bcd-defaults": (1e-4, 2e-4)}
+EXTRA = {"bcd-warmup": (2e-4, 4e-4), "bcd-sgd": (1e-2, 3e-2, 1e-1), "bcd-defaults": (1e-4, 2e-4),
+         "bcd-recipe": (1e-4, 2e-4), "bcd-recipe-importance": (1e-4, 2e-4), "bcd-recipe-lean": (1e-4, 2e-4)}
+# What a user writes, bcd.BAdam(model, lr, total_steps=steps) (the recipe), and its variants: the
+# keywords each adds to that line.
+RECIPES = {"bcd-recipe": {}, "bcd-recipe-importance": {"order": "importance"}, "bcd-recipe-lean": {"lean": True}}
 RATES = {**SWEEP, **EXTRA}
 # The methods with bcd.landscape_expansion, and its reach.
 EXPANSIONS = {"bcd-expansion": "after", "bcd-expansion-all": "all"}
@@ -108,6 +112,11 @@ def optimizer_for(method: str, model, lr: float, seed: int, args: argparse.Names
             warnings.simplefilter("ignore", bcd.PrecisionNote)
             return model, bcd.BAdam(model, lr=lr, switch_every="auto", total_steps=args.steps, expansion="all",
                                     weight_decay=0.01, no_decay=True, seed=seed, data_parallel=several), None
+    if method in RECIPES:  # bcd.BAdam's defaults with the run length: K from it, the expansion over every block
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", bcd.PrecisionNote)
+            return model, bcd.BAdam(model, lr=lr, total_steps=args.steps, weight_decay=0.01, no_decay=True, seed=seed,
+                                    data_parallel=several, **RECIPES[method]), None
     if method.startswith("bcd"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", bcd.PrecisionNote)  # fp32 on purpose unless --dtype bf16

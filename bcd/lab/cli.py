@@ -164,7 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--batch-size", type=_at_least(int, 1), default=8, help="batch size (default 8)")
     tune.add_argument("--max-length", type=_at_least(int, 8), default=128, help="tokens per example, prompt included (default 128)")
     tune.add_argument("--lr", type=_at_least(float, 0.0, strict=True), default=2e-3, help="peak learning rate, cosine schedule (default 2e-3)")
-    tune.add_argument("--switch-every", type=_at_least(int, 1), default=20, help="K, steps per block (default 20)")
+    tune.add_argument("--switch-every", type=_at_least(int, 1),
+                      help="K, steps per block (default: from --max-steps, three block-epochs over the run)")
+    tune.add_argument("--expansion", choices=["all", "after", "none"], default="all",
+                      help="the landscape expansion's reach: all (default: every block but the active one takes a "
+                           "sign step each step), after (the blocks after it) or none (backward stops at the active block)")
     tune.add_argument("--order", default="random",
                       help="block order: random, importance, ascending, descending, fixed (default random)")
     tune.add_argument("--seed", type=int, default=0, help="seed (default 0)")

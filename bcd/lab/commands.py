@@ -167,11 +167,14 @@ def run_finetune(args: argparse.Namespace) -> int:
     console = Console(width=max(Console().width, 120))
     console.print(f"bcd finetune: {args.model or 'tiny Llama built from a config'} on "
                   f"{args.dataset or 'the bundled demo instructions'}, {args.max_steps} steps, bcd.BAdam "
-                  f"(K = {args.switch_every}, {args.order} order)", highlight=False)
+                  f"({f'K = {args.switch_every}' if args.switch_every else 'K from the run length'}, {args.order} order, "
+                  f"expansion {args.expansion})",
+                  highlight=False)
     summary = finetune(
         model_name=args.model, dataset=args.dataset, output_dir=args.output_dir, max_steps=args.max_steps,
         batch_size=args.batch_size, max_length=args.max_length, learning_rate=args.lr,
         switch_every=args.switch_every, order=args.order, seed=args.seed,
+        expansion=None if args.expansion == "none" else args.expansion,
         gradient_checkpointing=args.gradient_checkpointing, tensorboard=not args.no_tensorboard,
         dtype=parse_dtype(args.dtype),
     )

@@ -184,8 +184,9 @@ def finetune(
     batch_size: int = 8,
     max_length: int = 128,
     learning_rate: float = 2e-3,
-    switch_every: int = 20,
+    switch_every: int | None = None,
     order: str = "random",
+    expansion: str | None = "all",
     seed: int = 0,
     gradient_checkpointing: bool = False,
     tensorboard: bool = True,
@@ -228,7 +229,9 @@ def finetune(
         use_cpu=not torch.cuda.is_available(), activation_checkpointing=gradient_checkpointing,
         disable_tqdm=not progress, dataloader_num_workers=0,
     )
-    optimizer = badam_from_training_args(model, args, switch_every=switch_every, order=order, seed=seed)
+    # bcd.BAdam's recipe for a run of max_steps: K for three block-epochs unless given, and the expansion.
+    chosen = {"switch_every": switch_every} if switch_every is not None else {}
+    optimizer = badam_from_training_args(model, args, order=order, seed=seed, expansion=expansion, **chosen)
     # Our own TensorBoard callback with its folder set: the Trainer's, first used by an evaluation
     # before train(), would open a writer with no folder (./runs/<date>_<host> under the cwd).
     tensorboard_dir = Path(output_dir).absolute() / "tensorboard"

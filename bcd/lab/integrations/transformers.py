@@ -25,7 +25,7 @@ from typing import Any
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from bcd.badam import BAdam
+from bcd.badam import EXPANSION_SCALE, BAdam
 from bcd.lab.memory import measure
 from bcd.optimizer import BlockCoordinateOptimizer
 
@@ -73,9 +73,14 @@ def badam_from_training_args(model: nn.Module, args: TrainingArguments, **kwargs
 
     ``learning_rate``, ``weight_decay`` (biases and norm weights exempt, as the Trainer does),
     ``adam_beta1``/``adam_beta2`` and ``adam_epsilon`` come from ``args``; ``kwargs`` go to
-    :class:`bcd.BAdam` (``switch_every``, ``order``, ``seed``, ...) and win over ``args``. Without
-    a ``switch_every``, a run with ``max_steps`` gets ``switch_every="auto"`` over those steps
-    (about three block-epochs); a run by epochs keeps BAdam's default K.
+    :class:`bcd.BAdam` (``switch_every``, ``order``, ``seed``, ``expansion``...) and win over
+    ``args``. A run with ``max_steps`` passes it as ``total_steps``, so BAdam's defaults are its
+    recipe: K for about three block-epochs over those steps and the expansion over every block; a
+    run by epochs gets Algorithm 1's defaults (K = 100, no expansion). On one process with
+    ``gradient_accumulation_steps`` N > 1 the expansion's scale is divided by N: it steps at every
+    micro-batch, so the N steps of one optimizer step add up to one step of the mean sign. Several
+    ranks keep the expanded gradients until the step, summed over the micro-batches and clipped
+    like the active block's, at the full scale.
 
     Raises:
         ValueError: ``args`` asks for FSDP1, or FSDP2 with saves inside a visit (:func:`check_fsdp`).
@@ -88,9 +93,13 @@ def badam_from_training_args(model: nn.Module, args: TrainingArguments, **kwargs
         "eps": args.adam_epsilon,
         "no_decay": True,
     }
-    if "switch_every" not in kwargs and args.max_steps > 0:
-        # The run's length is known: K for about three block-epochs over it (bcd.BAdam's "auto").
-        settings.update(switch_every="auto", total_steps=args.max_steps)
+    if args.max_steps > 0:
+        # The run's length is known: bcd.BAdam's recipe for it (K for about three block-epochs, the expansion).
+        settings.update(total_steps=args.max_steps)
+    if args.gradient_accumulation_steps > 1 and args.world_size == 1:
+        # One process steps the expansion at every micro-batch (its gradients are not kept): N sign steps
+        # at 1/N of the scale each make one step of the mean sign over the accumulated batch.
+        settings.update(expansion_scale=EXPANSION_SCALE / args.gradient_accumulation_steps)
     settings.update(kwargs)
     optimizer = BAdam(model, **settings)
     try:
