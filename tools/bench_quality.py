@@ -12,8 +12,11 @@ users run it in bf16 (:func:`precision`). Writes ``results.json``, ``results.md`
 ``bcd-warmup``) and the SGD composition (``bcd-sgd``) are measured on ``bcd-layers``' partition, so
 each row differs from it in one thing; ``bcd-expansion`` is ``bcd-importance`` with
 :func:`bcd.landscape_expansion`, and ``bcd-expansion-all`` the same with ``reach="all"``.
-``bcd-defaults`` is what a user writes: ``bcd.BAdam(model, lr, switch_every="auto",
-total_steps=steps, expansion="all")``, every parameter trained (the embedding's row blocks too).
+``bcd-recipe`` is what a user writes: ``bcd.BAdam(model, lr, total_steps=steps)``, whose defaults
+with the run length are K for three block-epochs and the expansion over every block, every
+parameter trained (the embedding's row blocks too); ``bcd-recipe-importance`` adds
+``order="importance"`` and ``bcd-recipe-lean`` ``lean=True``. ``bcd-defaults`` is the same line
+spelled out before those were the defaults (``switch_every="auto", expansion="all"``).
 
     python tools/bench_quality.py                      # the seven default methods (about 3 hours, 2 CPU cores)
     # the first table in docs/benchmarks.md (about 2 hours)
@@ -27,7 +30,11 @@ total_steps=steps, expansion="all")``, every parameter trained (the embedding's 
     python tools/bench_quality.py --quick              # smoke run: a few steps, one rate, one seed
     # the recipe on two gloo processes, the same global batch (data_parallel=True)
     python tools/bench_quality.py --ranks 2 --methods bcd-defaults --rates 'bcd-defaults=2e-4'
-    # bf16 as users run it, seed 0 at the fp32 table's rates
+    # bf16 as users run it: AdamW, LoRA and what a user writes, then its lean precision and two processes
+    python tools/bench_quality.py --dtype bf16 --methods adamw,lora,bcd-recipe,bcd-recipe-importance
+    python tools/bench_quality.py --dtype bf16 --methods bcd-recipe-lean --rates 'bcd-recipe-lean=2e-4'
+    python tools/bench_quality.py --dtype bf16 --ranks 2 --methods bcd-recipe --rates 'bcd-recipe=2e-4'
+    # bf16, seed 0 at the fp32 table's rates
     python tools/bench_quality.py --dtype bf16 --seeds 1 --methods adamw,lora,bcd-importance,bcd-expansion-all \
         --rates 'adamw=5e-5;lora=1e-3;bcd-importance=2e-4;bcd-expansion-all=1e-4'
 """
