@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from bcd import distributed
+from bcd import averaging, distributed
 from bcd.blocks import Block, parse_entry
 from bcd.buffers import Buffers, prefill, rehome
 from bcd.precision import MasterCopies
@@ -101,7 +101,7 @@ class ActiveBlock:
         self.block = block
         self._unfreeze()
         if self.data_parallel:
-            self.sync_handles.extend(distributed.gradient_sync_hooks(self.params))
+            self.sync_handles.extend(averaging.average_gradients(self.params))
 
     def _unfreeze(self) -> None:
         """The block's parameters, read from the candidates, made trainable (unless deferred)."""

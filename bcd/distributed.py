@@ -6,9 +6,9 @@
 - **DDP**: ``DistributedDataParallel(model, find_unused_parameters=True)``. Frozen parameters
   get no gradient and are reported unused, so the trainable set may change every K steps; DDP
   still all-reduces whole buckets, i.e. communication per step ~ the model.
-- **bcd data parallel** (``data_parallel=True``): no wrapper; each active parameter's gradient is
-  all-reduced (averaged) as soon as backward has accumulated it, so communication per step ~
-  the active block. Replicas start equal (same seed, or broadcast) and stay equal.
+- **bcd data parallel** (``data_parallel=True``): no wrapper; the active block's gradients are
+  averaged in buckets launched during backward (:mod:`bcd.averaging`), so communication per step
+  ~ the active block. Replicas start equal (same seed, or broadcast) and stay equal.
 
 Wrapper before or after the optimizer: both work. Built over a wrapped model, the optimizer
 freezes all blocks but one at once. Built over a plain model on several ranks (the Trainer and
@@ -241,21 +241,6 @@ def check_gradients_agree(params: Iterable[torch.Tensor], block: str) -> None:
             "forward, pass data_parallel=True, or train with the Trainer / accelerate, which wrap it (but the "
             "Trainer trains without DDP after a trainer.evaluate() before trainer.train())."
         )
-
-
-def gradient_sync_hooks(params: Iterable[nn.Parameter], group: Any = None) -> list[RemovableHandle]:
-    """All-reduce (average) each parameter's gradient as soon as backward has accumulated it.
-
-    With gradient accumulation every micro-batch is reduced; the mean of sums equals the sum of
-    means, so the result is the same as reducing once.
-    """
-    world = dist.get_world_size(group)
-
-    def hook(param: torch.Tensor) -> None:
-        dist.all_reduce(param.grad, op=dist.ReduceOp.SUM, group=group)
-        param.grad.div_(world)
-
-    return [p.register_post_accumulate_grad_hook(hook) for p in params]
 
 
 def _full(value: Any) -> Any:

@@ -29,8 +29,8 @@ gradient lives at a time. That skips gradient clipping (the gradient is gone bef
 so divide ``scale`` by N. On several ranks (``data_parallel=True``, or a model DDP wraps) a
 rank's own gradient would let the replicas drift apart, so the expansion keeps the gradients as
 the active block's are kept, and steps once per ``optimizer.step()``, after the block's step,
-from the gradient averaged over ranks (by DDP's buckets, or with ``data_parallel=True`` by one
-all-reduce per tensor as backward accumulates it, as the active block's): accumulation sums the micro-batches first and clipping scales what is
+from the gradient averaged over ranks (by DDP's buckets, or with ``data_parallel=True`` by bcd's,
+:mod:`bcd.averaging`, as the active block's): accumulation sums the micro-batches first and clipping scales what is
 stepped, as for the active block, at the cost of holding the expanded blocks' gradients (in the
 model's dtype) until the step. Decoupled weight decay applies as for the active block, at the
 group's rate: :math:`\theta_j \leftarrow \theta_j - \eta_j (s \operatorname{sign}(\nabla) + \lambda
@@ -50,7 +50,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from bcd import distributed, rounding
+from bcd import averaging, distributed, rounding
 from bcd.activation import remove_all
 from bcd.checks import flag, integer, is_number
 from bcd.cost import GRADIENT_CHUNK
@@ -158,7 +158,7 @@ class LandscapeExpansion:
                 self._grad_hooks.append(param.register_post_accumulate_grad_hook(self._step))
         if self.deferred and optimizer.data_parallel:
             # Averaged as backward accumulates them, as the active block's are: clipping sees the mean.
-            self._grad_hooks.extend(distributed.gradient_sync_hooks(self.expanded.values()))
+            self._grad_hooks.extend(averaging.average_gradients(self.expanded.values()))
 
     def _release(self, keep: set[str] = frozenset()) -> None:
         """Freeze the expanded tensors (except those in ``keep``) and drop their hooks."""

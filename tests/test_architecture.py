@@ -56,13 +56,20 @@ def _third_party(path: Path) -> set[str]:
     return names
 
 
+#: The exceptions, each with its reason. torch has no public way to run code at the end of a
+#: backward (a multi-grad hook fires before the last accumulation and fails under autograd.grad
+#: on leaves); FSDP2 queues a callback on the engine, and bcd.averaging does the same.
+ALLOWED_PRIVATE = {"Variable._execution_engine"}
+
+
 def test_no_module_reads_another_objects_private_members():
     """``x._name`` only on ``self`` or ``cls``: what another object keeps private is not a way in."""
     found = []
     for path in SOURCES:
         for node in ast.walk(ast.parse(path.read_text())):
             if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
-                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+                    and ast.unparse(node) not in ALLOWED_PRIVATE):
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(node)}")
     assert not found, found
 
