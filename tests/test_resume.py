@@ -114,6 +114,41 @@ def test_resume_in_a_fresh_process(tmp_path):
         assert torch.equal(uninterrupted[name], resumed[name]), name
 
 
+def test_the_recipe_resumes_in_a_fresh_process_bit_identically(tmp_path):
+    """bcd.BAdam with the run length: the expansion over every block, its bf16 steps stochastically
+    rounded from seeded draws; a restart mid-block continues exactly (nothing of the draws is saved)."""
+    script = textwrap.dedent(
+        f"""
+        import sys, torch, bcd
+        sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})
+        from conftest import CASES, train
+        case = CASES["llama"]
+        model = case.model(dtype=torch.bfloat16)
+        optimizer = bcd.BAdam(model, lr=1e-2, total_steps=24, seed=5, weight_decay=0.1)
+        assert optimizer.expansion is not None and optimizer.switch_every == 2
+        if sys.argv[1] == "save":
+            train(model, optimizer, case, 5)  # mid-block: K = 2
+            torch.save(model.state_dict(), sys.argv[2] + "/model.pt")
+            torch.save(optimizer.state_dict(), sys.argv[2] + "/optimizer.pt")
+        else:
+            model.load_state_dict(torch.load(sys.argv[2] + "/model.pt", weights_only=True))
+            optimizer.load_state_dict(torch.load(sys.argv[2] + "/optimizer.pt", weights_only=True))
+        train(model, optimizer, case, 6, start=5)
+        torch.save(model.state_dict(), sys.argv[2] + "/" + sys.argv[1] + ".pt")
+        """
+    )
+    path = tmp_path / "run.py"
+    path.write_text(script)
+    subprocess.run([sys.executable, str(path), "save", str(tmp_path)], check=True)
+    subprocess.run([sys.executable, str(path), "load", str(tmp_path)], check=True)
+    uninterrupted = torch.load(tmp_path / "save.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "load.pt", weights_only=True)
+    start = CASES["llama"].model(dtype=torch.bfloat16).state_dict()
+    assert all(not torch.equal(uninterrupted[n], start[n]) for n in start)  # every weight was stepped
+    for name in uninterrupted:
+        assert torch.equal(uninterrupted[name], resumed[name]), name
+
+
 def test_state_dict_from_another_partition_is_refused_untouched():
     case = CASES["llama"]
     _, saved = make(case, torch.float32, "ascending")
