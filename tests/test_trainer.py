@@ -111,6 +111,10 @@ def test_the_recipe_follows_the_run_length_and_accumulation(tmp_path):
     assert badam_from_training_args(model, arguments(tmp_path, max_steps=120, gradient_accumulation_steps=1)).expansion.scale == 0.25
     by_epochs = badam_from_training_args(model, arguments(tmp_path, max_steps=-1, num_train_epochs=1))
     assert (by_epochs.switch_every, by_epochs.expansion) == (100, None)
+    # FSDP2 shards the weights after the optimizer is built, and sharded weights are not expanded:
+    # the run length still sets K, without the expansion.
+    fsdp2 = badam_from_training_args(model, arguments(tmp_path, max_steps=120, fsdp=True, save_steps=10))
+    assert (fsdp2.switch_every, fsdp2.expansion) == (10, None)
 
 
 def test_the_trainers_fsdp1_is_refused_and_fsdp2_needs_saves_on_visit_boundaries(tmp_path, monkeypatch):

@@ -80,7 +80,8 @@ def badam_from_training_args(model: nn.Module, args: TrainingArguments, **kwargs
     ``gradient_accumulation_steps`` N > 1 the expansion's scale is divided by N: it steps at every
     micro-batch, so the N steps of one optimizer step add up to one step of the mean sign. Several
     ranks keep the expanded gradients until the step, summed over the micro-batches and clipped
-    like the active block's, at the full scale.
+    like the active block's, at the full scale. Under the Trainer's FSDP2 there is no expansion (it
+    wraps the model after this, and sharded weights are not expanded).
 
     Raises:
         ValueError: ``args`` asks for FSDP1, or FSDP2 with saves inside a visit (:func:`check_fsdp`).
@@ -96,7 +97,10 @@ def badam_from_training_args(model: nn.Module, args: TrainingArguments, **kwargs
     if args.max_steps > 0:
         # The run's length is known: bcd.BAdam's recipe for it (K for about three block-epochs, the expansion).
         settings.update(total_steps=args.max_steps)
-    if args.gradient_accumulation_steps > 1 and args.world_size == 1:
+    if _fsdp_version(args) == 2:
+        # FSDP2 shards the weights after the optimizer is built here, and sharded weights are not expanded.
+        settings.update(expansion=None)
+    elif args.gradient_accumulation_steps > 1 and args.world_size == 1:
         # One process steps the expansion at every micro-batch (its gradients are not kept): N sign steps
         # at 1/N of the scale each make one step of the mean sign over the accumulated batch.
         settings.update(expansion_scale=EXPANSION_SCALE / args.gradient_accumulation_steps)
