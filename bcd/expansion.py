@@ -58,6 +58,10 @@ from bcd.events import BlockSwitch
 from bcd.optimizer import BlockCoordinateOptimizer
 
 
+#: Elements per chunk of an expanded step on a CPU: a 4 MB fp32 chunk whose temporaries stay in
+#: cache, a third of the time of :data:`GRADIENT_CHUNK`'s (tools/bench_scale.py, docs/benchmarks.md);
+#: an accelerator keeps :data:`GRADIENT_CHUNK` (fewer launches; the passes are cheap there).
+CPU_CHUNK = 2**20
 #: Which blocks an expansion steps: those after the active one, or all but the active one.
 REACHES = ("after", "all")
 #: The live expansion of each optimizer: a second one would step the same tensors twice.
@@ -116,8 +120,8 @@ class LandscapeExpansion:
         decay = group.get("weight_decay", 0.0)
         weights, grads = param.detach(), param.grad
         # In chunks: an fp32 temporary of a whole 128K-row embedding would be gigabytes.
-        parts = ([(weights.view(-1)[i:i + GRADIENT_CHUNK], grads.view(-1)[i:i + GRADIENT_CHUNK])
-                  for i in range(0, weights.numel(), GRADIENT_CHUNK)]
+        size = CPU_CHUNK if weights.device.type == "cpu" else GRADIENT_CHUNK
+        parts = ([(weights.view(-1)[i:i + size], grads.view(-1)[i:i + size]) for i in range(0, weights.numel(), size)]
                  if weights.is_contiguous() and grads.is_contiguous() else [(weights, grads)])
         for part, grad in parts:  # one generator for the tensor, drawn chunk after chunk
             direction = grad.sign() if self.sign else grad

@@ -73,9 +73,15 @@ def _fp32_to_bf16(value: torch.Tensor, generator: torch.Generator) -> torch.Tens
     noise = torch.randint(0, 1 << 16, value.shape, generator=generator, dtype=torch.int32, device=value.device)
     bits = value.contiguous().view(torch.int32)
     drawn = noise.add_(bits).bitwise_and_(-(1 << 16)).view(torch.float32).to(torch.bfloat16)  # exact: low bits zero
-    # Past the largest finite bf16 a draw would overflow: keep the finite neighbour; inf and nan stay themselves.
+    # On a CPU the passes are the cost, so the fix-up below runs only when a value needs it; on an
+    # accelerator the passes are cheap and a data-dependent branch would wait for the device.
+    if value.device.type == "cpu" and bool(torch.isfinite(value).all()) and bool(torch.isfinite(drawn).all()):
+        return drawn
+    # Past the largest finite bf16 a draw would overflow: keep the finite neighbour. inf and nan stay
+    # themselves (a nan's bits plus a draw can wrap past the sign bit to a finite zero).
     truncated = bits.bitwise_and(-(1 << 16)).view(torch.float32).to(torch.bfloat16)
-    return torch.where(torch.isfinite(drawn), drawn, torch.where(torch.isfinite(value), truncated, value.to(torch.bfloat16)))
+    finite = torch.where(torch.isfinite(drawn), drawn, truncated)
+    return torch.where(torch.isfinite(value), finite, value.to(torch.bfloat16))
 
 
 def add_rounded_(param: torch.Tensor, update: torch.Tensor, alpha: float, generator: torch.Generator) -> None:
@@ -88,5 +94,5 @@ def add_rounded_(param: torch.Tensor, update: torch.Tensor, alpha: float, genera
         if param.dtype not in (torch.bfloat16, torch.float16):
             param.add_(update, alpha=alpha)
             return
-        exact = param.float().add_(update.float(), alpha=alpha)
+        exact = param.float().add_(update, alpha=alpha)  # fp32 arithmetic: update is promoted, not copied
         param.copy_(stochastic_round(exact, param.dtype, generator))

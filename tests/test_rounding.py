@@ -33,6 +33,9 @@ def test_representable_and_non_finite_values_round_to_themselves():
     assert torch.isfinite(drawn[5])  # next to bf16's largest finite number: never rounded past it
     assert torch.isnan(rounding.stochastic_round(torch.tensor([float("nan")]), torch.bfloat16,
                                                  rounding.generator(0, 0, 0))).all()
+    # A nan whose payload is all ones: its bits plus a draw would wrap past the sign to a finite zero.
+    payloads = torch.tensor([0x7FFFFFFF, -1] * 500, dtype=torch.int32).view(torch.float32)
+    assert torch.isnan(rounding.stochastic_round(payloads, torch.bfloat16, rounding.generator(0, 0, 0))).all()
 
 
 def test_draws_are_a_function_of_seed_step_tensor_and_draw():
