@@ -236,9 +236,9 @@ def test_bf16_expansion_draws_are_seeded_by_the_step_and_resume_exactly():
 
 
 def test_large_tensors_are_stepped_in_chunks_with_the_same_arithmetic(monkeypatch):
-    """A step is taken GRADIENT_CHUNK elements at a time (a 128K-row embedding's fp32 copy would be
+    """A step is taken CPU_CHUNK elements at a time on a CPU (a 128K-row embedding's fp32 copy would be
     gigabytes): in fp32 the chunked step is the whole-tensor formula exactly."""
-    monkeypatch.setattr(bcd.expansion, "GRADIENT_CHUNK", 7)  # chunks that cut across rows
+    monkeypatch.setattr(bcd.expansion, "CPU_CHUNK", 7)  # chunks that cut across rows
     model, optimizer = build()
     bcd.landscape_expansion(optimizer, scale=0.5, reach="all")
     before, grads = snapshot(model), full_gradients(model, 0)
@@ -248,3 +248,18 @@ def test_large_tensors_are_stepped_in_chunks_with_the_same_arithmetic(monkeypatc
         if block_of(name) != "layers.1":
             expected = before[name] - 0.05 * (0.5 * grads[name].sign() + decay * before[name])
             torch.testing.assert_close(param.detach(), expected)
+
+
+def test_bf16_chunks_draw_what_one_whole_tensor_draws(monkeypatch):
+    """One generator per tensor, drawn chunk after chunk: the chunk size changes no weight, so resume and
+    every rank agree whatever chunk a device uses."""
+    def run(chunk):
+        monkeypatch.setattr(bcd.expansion, "CPU_CHUNK", chunk)
+        model, optimizer = wide(torch.bfloat16)
+        bcd.landscape_expansion(optimizer, scale=0.5, reach="all", seed=3)
+        train(model, optimizer, CASES["mlp"], 3)
+        return snapshot(model)
+
+    whole, chunked = run(2**30), run(1000)  # 1000 cuts the wide layers' rows
+    assert all(torch.equal(whole[name], chunked[name]) for name in whole)
+
