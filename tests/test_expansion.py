@@ -262,4 +262,3 @@ def test_bf16_chunks_draw_what_one_whole_tensor_draws(monkeypatch):
 
     whole, chunked = run(2**30), run(1000)  # 1000 cuts the wide layers' rows
     assert all(torch.equal(whole[name], chunked[name]) for name in whole)
-
