@@ -34,6 +34,10 @@ spelled out before those were the defaults (``switch_every="auto", expansion="al
     python tools/bench_quality.py --dtype bf16 --methods adamw,lora,bcd-recipe,bcd-recipe-importance
     python tools/bench_quality.py --dtype bf16 --methods bcd-recipe-lean --rates 'bcd-recipe-lean=2e-4'
     python tools/bench_quality.py --dtype bf16 --ranks 2 --methods bcd-recipe --rates 'bcd-recipe=2e-4'
+    # through transformers' Trainer as users run it (tools/trainer_loop.py): its defaults, linear decay, bf16
+    python tools/bench_quality.py --loop trainer --schedule linear --dtype bf16 --methods bcd-recipe,adamw,lora
+    python tools/bench_quality.py --loop trainer --schedule linear --dtype bf16 --ranks 2 --methods bcd-recipe \
+        --rates 'bcd-recipe=2e-4'                       # two ranks under the Trainer's DDP
     # bf16, seed 0 at the fp32 table's rates
     python tools/bench_quality.py --dtype bf16 --seeds 1 --methods adamw,lora,bcd-importance,bcd-expansion-all \
         --rates 'adamw=5e-5;lora=1e-3;bcd-importance=2e-4;bcd-expansion-all=1e-4'
@@ -77,9 +81,11 @@ RATES = {**SWEEP, **EXTRA}
 # The methods with bcd.landscape_expansion, and its reach.
 EXPANSIONS = {"bcd-expansion": "after", "bcd-expansion-all": "all"}
 SCHEDULES = ("constant", "linear")
+LOOPS = ("script", "trainer")
 # The run settings recorded with every run and part of its journal key, with their defaults, and
 # the values that runs journalled before a setting was recorded had.
-SETTING = {"schedule": "constant", "steps": 192, "batch": 32, "dropout": "start", "dtype": "fp32", "ranks": 1}
+SETTING = {"schedule": "constant", "steps": 192, "batch": 32, "dropout": "start", "dtype": "fp32", "ranks": 1,
+           "loop": "script"}
 LEGACY = {**SETTING, "dropout": "first-eval"}
 DTYPES = ("fp32", "bf16")
 # The options only some methods read, recorded under "options" and part of those methods' key
@@ -111,7 +117,7 @@ def build(seed: int):
 def optimizer_for(method: str, model, lr: float, seed: int, args: argparse.Namespace):
     """The optimizer (and the model to train: LoRA wraps it) for ``method``; bcd's own data
     parallelism (``data_parallel=True``) on several ranks."""
-    several = args.ranks > 1
+    several = args.ranks > 1 and args.loop == "script"  # under the Trainer, DDP averages
     if method == "adamw":
         return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01), None
     if method == "bcd-defaults":  # what a user writes: BAdam's defaults (every parameter, random order), the run length, the expansion
@@ -208,7 +214,9 @@ def rank_worker(rank: int, world: int, port: int, method: str, task: str, lr: fl
 
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    # What torchrun sets: the Trainer (--loop trainer) and accelerate read it.
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(max(1, (os.cpu_count() or world) // world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -228,14 +236,25 @@ def train(method: str, task: str, lr: float, seed: int, args: argparse.Namespace
     # second table in docs/benchmarks.md) dropout starts after the first evaluation; "start" is the usual way.
     if args.dropout == "start":
         model.train()
-    model, optimizer, scheduler = optimizer_for(method, model, lr, seed, args)
-    factor = decay(args.schedule, args.steps)
-    if scheduler is None and factor is not None:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     texts, labels = load(task, "train")
     dev_texts, dev_labels = load(task, "dev")
     if args.dev_limit:
         dev_texts, dev_labels = dev_texts[:args.dev_limit], dev_labels[:args.dev_limit]
+    if args.loop == "trainer":
+        import trainer_loop
+
+        def dev_accuracy(trained) -> float:
+            with forward():
+                return evaluate(trained, tokenizer, dev_texts, dev_labels)
+
+        done = trainer_loop.train(method, model, tokenizer, texts, labels, lr, seed, args, dev_accuracy, optimizer_for,
+                                  rank, world)
+        return record(method, task, lr, seed, args, done["curve"], done["seconds"], done["optimizer_bytes"],
+                      done["optimizer"])
+    model, optimizer, scheduler = optimizer_for(method, model, lr, seed, args)
+    factor = decay(args.schedule, args.steps)
+    if scheduler is None and factor is not None:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
     curve, peak, started = [], 0, time.perf_counter()
     for step in range(args.steps):
@@ -256,9 +275,15 @@ def train(method: str, task: str, lr: float, seed: int, args: argparse.Namespace
         if evaluating:
             with forward():
                 curve.append((step + 1, evaluate(model, tokenizer, dev_texts, dev_labels)))
+    return record(method, task, lr, seed, args, curve, time.perf_counter() - started, peak, optimizer)
+
+
+def record(method: str, task: str, lr: float, seed: int, args: argparse.Namespace, curve: list, seconds: float,
+           peak: int, optimizer) -> dict:
+    """A run's journal entry: its key (method, task, rate, seed, setting, options) and what it measured."""
     return {"method": method, "task": task, "lr": lr, "seed": seed,
-            **{key: getattr(args, key) for key in SETTING}, "options": options(method, args), "accuracy": curve[-1][1] if curve else None, "curve": curve,
-            "seconds": time.perf_counter() - started, "optimizer_bytes": peak,
+            **{key: getattr(args, key) for key in SETTING}, "options": options(method, args),
+            "accuracy": curve[-1][1] if curve else None, "curve": curve, "seconds": seconds, "optimizer_bytes": peak,
             "switch_every": getattr(optimizer, "switch_every", None), "blocks": len(getattr(optimizer, "blocks", ()))}
 
 
@@ -291,6 +316,10 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=SETTING["ranks"],
                         help="gloo processes on this machine, each with 1/N of every batch (the same global batch), "
                              "bcd methods only, with data_parallel=True; part of the journal key (default 1)")
+    parser.add_argument("--loop", choices=LOOPS, default=SETTING["loop"],
+                        help="script (default): this file's training loop; trainer: transformers' Trainer with its "
+                             "defaults (its AdamW, clipping at 1.0, --schedule, bf16 mixed precision with --dtype bf16, "
+                             "DDP on several ranks), bcd-recipe through badam_from_training_args; part of the journal key")
     parser.add_argument("--seeds", type=int, default=3, help="seeds at the best rate (default 3)")
     parser.add_argument("--eval-every", type=int, default=96, help="dev evaluation period in steps (default 96)")
     parser.add_argument("--dev-limit", type=int, default=0, help="evaluate on the first N dev sentences (0: all)")
@@ -302,8 +331,9 @@ def main() -> None:
     unknown = [m for m in methods if m not in RATES]
     if unknown:
         parser.error(f"unknown method {unknown[0]!r} in --methods {args.methods!r}; accepted: {', '.join(RATES)}")
-    if args.ranks < 1 or args.ranks > 1 and any(not m.startswith("bcd") for m in methods):
-        parser.error(f"--ranks {args.ranks}: accepted 1, or more with bcd methods only (data_parallel=True)")
+    if args.ranks < 1 or args.ranks > 1 and args.loop == "script" and any(not m.startswith("bcd") for m in methods):
+        parser.error(f"--ranks {args.ranks}: accepted 1, or more with bcd methods only (data_parallel=True), "
+                     "or with any method under --loop trainer (DDP)")
     sweep = {m: RATES[m] for m in methods}
     for item in filter(None, (args.rates or "").split(";")):
         method, _, rates = item.partition("=")
