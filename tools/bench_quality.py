@@ -248,7 +248,7 @@ def train(method: str, task: str, lr: float, seed: int, args: argparse.Namespace
                 return evaluate(trained, tokenizer, dev_texts, dev_labels)
 
         done = trainer_loop.train(method, model, tokenizer, texts, labels, lr, seed, args, dev_accuracy, optimizer_for,
-                                  rank, world)
+                                  RECIPES, rank, world)
         return record(method, task, lr, seed, args, done["curve"], done["seconds"], done["optimizer_bytes"],
                       done["optimizer"])
     model, optimizer, scheduler = optimizer_for(method, model, lr, seed, args)

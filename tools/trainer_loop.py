@@ -51,8 +51,12 @@ class Evaluation(TrainerCallback):
 
 def train(method: str, model: torch.nn.Module, tokenizer: Any, texts: list[str], labels: list[int], lr: float,
           seed: int, args: argparse.Namespace, evaluate: Callable[[torch.nn.Module], float],
-          optimizer_for: Callable, rank: int, world: int) -> dict:
-    """Fine-tune ``model`` on (``texts``, ``labels``) with the Trainer; the dev curve, the optimizer and its memory."""
+          optimizer_for: Callable, recipes: dict[str, dict], rank: int, world: int) -> dict:
+    """Fine-tune ``model`` on (``texts``, ``labels``) with the Trainer; the dev curve, the optimizer and its memory.
+
+    ``optimizer_for`` builds the optimizer of a method the Trainer does not build itself, unless
+    ``recipes`` names it: those go through the integration with the keywords given there.
+    """
     from datasets import Dataset
 
     encoded = tokenizer(texts, truncation=True, max_length=64)
@@ -71,12 +75,12 @@ def train(method: str, model: torch.nn.Module, tokenizer: Any, texts: list[str],
             if method == "lora":
                 model = optimizer_for(method, model, lr, seed, args)[0]  # peft's wrapper, the Trainer's AdamW
             optimizer = None
-        elif method == "bcd-recipe":  # the integration's one line: the rate and the run length from args
+        elif method in recipes:  # the integration's one line (the rate and the run length from args), and a variant's keywords
             from bcd.lab.integrations.transformers import badam_from_training_args
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", bcd.PrecisionNote)
-                optimizer = badam_from_training_args(model, training, seed=seed)
+                optimizer = badam_from_training_args(model, training, seed=seed, **recipes[method])
         else:
             model, optimizer, _ = optimizer_for(method, model, lr, seed, args)
         callback = Evaluation(evaluate, args.eval_every, args.steps, rank)
