@@ -314,8 +314,9 @@ def main() -> None:
                         help="fp32 (default) or bf16: AdamW with fp32 weights under bf16 autocast, LoRA and bcd on a "
                              "bf16 model (the expansion's steps stochastically rounded); part of the journal key")
     parser.add_argument("--ranks", type=int, default=SETTING["ranks"],
-                        help="gloo processes on this machine, each with 1/N of every batch (the same global batch), "
-                             "bcd methods only, with data_parallel=True; part of the journal key (default 1)")
+                        help="gloo processes on this machine, each with 1/N of every batch (the same global batch): "
+                             "bcd methods only, with data_parallel=True, or any method under --loop trainer (DDP); "
+                             "part of the journal key (default 1)")
     parser.add_argument("--loop", choices=LOOPS, default=SETTING["loop"],
                         help="script (default): this file's training loop; trainer: transformers' Trainer with its "
                              "defaults (its AdamW, clipping at 1.0, --schedule, bf16 mixed precision with --dtype bf16, "
@@ -334,6 +335,9 @@ def main() -> None:
     if args.ranks < 1 or args.ranks > 1 and args.loop == "script" and any(not m.startswith("bcd") for m in methods):
         parser.error(f"--ranks {args.ranks}: accepted 1, or more with bcd methods only (data_parallel=True), "
                      "or with any method under --loop trainer (DDP)")
+    if args.loop == "trainer" and args.dropout != "start":
+        parser.error(f"--dropout {args.dropout} with --loop trainer: accepted --dropout start (the Trainer puts the "
+                     "model in train mode at every step)")
     sweep = {m: RATES[m] for m in methods}
     for item in filter(None, (args.rates or "").split(";")):
         method, _, rates = item.partition("=")

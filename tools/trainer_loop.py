@@ -28,6 +28,11 @@ from bcd.lab.memory import measure
 TRAINERS_OWN = ("adamw", "lora")
 
 
+def unwrapped(optimizer: Any) -> Any:
+    """The optimizer inside accelerate's ``AcceleratedOptimizer`` (or ``optimizer`` itself)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
 class Evaluation(TrainerCallback):
     """Dev accuracy on rank 0 every ``every`` steps and at the end; optimizer memory before those steps."""
 
@@ -41,7 +46,7 @@ class Evaluation(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self._due(state.global_step + 1):  # gradients and solver state are both held here
-            live = measure(model, getattr(optimizer, "optimizer", optimizer))
+            live = measure(model, unwrapped(optimizer))
             self.peak = max(self.peak, live.gradients + live.solver_state + live.master_copies)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -89,6 +94,5 @@ def train(method: str, model: torch.nn.Module, tokenizer: Any, texts: list[str],
         started = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - started
-    built = trainer.optimizer
-    built = getattr(built, "optimizer", built)  # accelerate's wrapper
-    return {"curve": callback.curve, "seconds": seconds, "optimizer_bytes": callback.peak, "optimizer": built}
+    return {"curve": callback.curve, "seconds": seconds, "optimizer_bytes": callback.peak,
+            "optimizer": unwrapped(trainer.optimizer)}
