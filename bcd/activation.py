@@ -2,9 +2,11 @@
 
 Activating a block unfreezes its parameters (``requires_grad=True``) and freezes the previous
 one's (``requires_grad=False``, ``grad=None``), so autograd computes no weight gradient for
-frozen blocks and stops below the lowest active parameter. A row block makes its whole tensor
-trainable (autograd has no finer switch) and zeroes the other rows' gradient as backward
-produces it, so what clipping and logging see is the block's gradient. The master copies and the
+frozen blocks and stops below the lowest active parameter. A row block's rows become a parameter
+of their own whose backward computes only their gradient (:mod:`bcd.rowgrad`); where that does
+not apply (several ranks, a tied or custom module) the whole tensor is made trainable and the
+other rows' gradient zeroed as backward produces it, so what clipping and logging see is the
+block's gradient either way. The master copies and the
 inner solver are built at the visit's first step, from the weights as they are then, in fp32
 buffers kept across visits (:mod:`bcd.buffers`); the solver is dropped at the switch (no
 ``gc.collect()``, no ``empty_cache()``).
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from bcd import averaging, distributed
+from bcd import averaging, distributed, rowgrad
 from bcd.blocks import Block, parse_entry
 from bcd.buffers import Buffers, prefill, rehome
 from bcd.precision import MasterCopies
@@ -59,11 +61,17 @@ class ActiveBlock:
             trainable until a wrapper's first forward, see :class:`bcd.distributed.WrapperWait`).
         buffers: the fp32 buffers kept across visits.
         lean: keep no fp32 master copies (:class:`bcd.precision.MasterCopies`).
+        row_owners: the row-split tensors whose row blocks compute only their rows' gradient, with
+            their modules (:func:`bcd.rowgrad.owners`).
     """
 
     def __init__(self, candidates: dict[str, nn.Parameter], data_parallel: bool, deferred: Callable[[], bool],
-                 buffers: Buffers | None = None, lean: bool = False) -> None:
+                 buffers: Buffers | None = None, lean: bool = False,
+                 row_owners: Mapping[str, nn.Module] | None = None) -> None:
         self.candidates = candidates
+        self.row_owners = dict(row_owners or {})
+        #: The visit's rows registered as parameters of their own, by tensor name.
+        self.row_gradients: dict[str, rowgrad.RowGradient] = {}
         self.lean = lean
         #: Each candidate's fixed position, which seeds its stochastic rounding in the lean precision.
         self.index = {name: i for i, name in enumerate(candidates)}
@@ -79,6 +87,19 @@ class ActiveBlock:
         self.row_handles: list[RemovableHandle] = []
         weakref.finalize(self, remove_all, self.sync_handles)
         weakref.finalize(self, remove_all, self.row_handles)
+        weakref.finalize(self, rowgrad.release_all, self.row_gradients)
+
+    def row_params(self) -> list[nn.Parameter]:
+        """The visit's rows registered as parameters of their own (:mod:`bcd.rowgrad`)."""
+        return [row_gradient.rows for row_gradient in self.row_gradients.values()]
+
+    def zero_row_grads(self, set_to_none: bool = True) -> None:
+        """Drop (or zero) the gradient of the visit's rows parameters, as ``zero_grad`` does a parameter's."""
+        for rows in self.row_params():
+            if rows.grad is not None and set_to_none:
+                rows.grad = None
+            elif rows.grad is not None:
+                rows.grad.detach_().zero_()
 
     def freeze_all(self) -> None:
         """Freeze every candidate."""
@@ -93,6 +114,7 @@ class ActiveBlock:
             param.grad = None
         remove_all(self.sync_handles)
         remove_all(self.row_handles)
+        rowgrad.release_all(self.row_gradients)
         self.params, self.solver, self.masters = [], None, None
 
     def activate(self, block: Block) -> None:
@@ -104,13 +126,25 @@ class ActiveBlock:
             self.sync_handles.extend(averaging.average_gradients(self.params))
 
     def _unfreeze(self) -> None:
-        """The block's parameters, read from the candidates, made trainable (unless deferred)."""
-        self.params = [self.candidates[n] for n in self.block.tensor_names]
-        for param in self.params if not self.deferred() else ():
-            param.requires_grad_(True)
+        """The block's parameters, read from the candidates, made trainable (unless deferred): each
+        tensor, or for a row block whose module allows it, its rows as a parameter of their own."""
+        deferred = self.deferred()
+        spans = self.block.row_spans
+        by_rows = {n: s[0] for n, s in spans.items() if n in self.row_owners and len(s) == 1 and not deferred}
         remove_all(self.row_handles)
-        for name, rows in self.block.row_spans.items():
-            self.row_handles.append(self.candidates[name].register_post_accumulate_grad_hook(_zero_other_rows(rows)))
+        rowgrad.release_all(self.row_gradients)
+        self.params = []
+        for name in self.block.tensor_names:
+            if name in by_rows:
+                self.row_gradients[name] = rowgrad.RowGradient(self.row_owners[name], by_rows[name])
+                self.params.append(self.row_gradients[name].rows)
+                continue
+            param = self.candidates[name]
+            self.params.append(param)
+            if not deferred:
+                param.requires_grad_(True)
+            if name in spans:
+                self.row_handles.append(param.register_post_accumulate_grad_hook(_zero_other_rows(spans[name])))
 
     def adopt(self, current: Mapping[str, nn.Parameter]) -> None:
         """Re-read the candidates by name (a wrapper replaced them), then freeze all but the block."""
@@ -136,7 +170,8 @@ class ActiveBlock:
         names: Sequence[str] = self.block.param_names
         parsed = [parse_entry(entry) for entry in names]
         entries = [(entry, self.candidates[name], rows) for entry, (name, rows) in zip(names, parsed)]
-        self.masters = MasterCopies(entries, self.buffers, self.lean, [self.index[name] for name, _ in parsed])
+        row_params = {i: self.row_gradients[name].rows for i, (name, _) in enumerate(parsed) if name in self.row_gradients}
+        self.masters = MasterCopies(entries, self.buffers, self.lean, [self.index[name] for name, _ in parsed], row_params)
         groups, self.solver_group_index = groups_for(dict(zip(names, self.masters.solver_params)))
         self.solver = factory(groups, **options)
         prefill(self.solver, self.buffers)

@@ -26,6 +26,7 @@ from bcd.groups import check_hyperparameters, outer_groups
 from bcd.observe import observes
 from bcd.cost import needs_master
 from bcd.schedule import BlockSchedule
+from bcd.rowgrad import ROWS
 from bcd.tenure import owner_of
 
 
@@ -41,7 +42,9 @@ def candidates_of(model: nn.Module) -> dict[str, nn.Parameter]:
     """
     owner = owner_of(model)
     known = {id(p) for p in owner.candidates.values()} if owner is not None else set()
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad or id(p) in known}
+    # Not the rows another optimizer registered for its visit (bcd.rowgrad): they are views of a candidate.
+    params = {name: p for name, p in model.named_parameters()
+              if (p.requires_grad or id(p) in known) and name.rpartition(".")[2] != ROWS}
     return params if params else trainable_parameters(model)
 
 

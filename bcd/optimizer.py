@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from bcd import checkpointing, distributed, layout, state
+from bcd import checkpointing, distributed, layout, rowgrad, state
 from bcd.activation import ActiveBlock
 from bcd.buffers import Buffers
 from bcd.blocks import Block, Partition
@@ -112,13 +112,13 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         self._model, self.data_parallel = model, data_parallel
         self.partition, self.schedule = plan.partition, plan.schedule
         self._group_names = [names for _, names in plan.groups]
+        if previous is not None:  # first: it gives back the rows it registered (bcd.rowgrad)
+            previous.close(reason="a newer optimizer over the same model took over")
         self._block = ActiveBlock(plan.candidates, data_parallel, lambda: self._wait is not None and self._wait.pending,
-                                  Buffers(plan.buffers), plan.lean)
+                                  Buffers(plan.buffers), plan.lean, rowgrad.owners(model, plan.candidates))
         self._switch_hooks = SwitchHooks()
         #: Block switches so far (a revisit of the same block is none), kept across state dicts.
         self.switches = 0
-        if previous is not None:
-            previous.close(reason="a newer optimizer over the same model took over")
         # Closing, or collecting, the optimizer hands the candidates back trainable, as it found them.
         self._tenure = Tenure(self, plan.candidates.values())
         checkpointing.make_compatible(model)
@@ -151,8 +151,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
     switch_every = property(lambda self: self.schedule.switch_every, doc="K, steps per block visit.")
     block_order = property(lambda self: list(self.schedule.order), doc="This block-epoch's order, as block indices.")
     solver = property(lambda self: self._block.solver, doc=(
-        "The inner solver over the active block; None until the visit's first step (built then, so weights "
-        "loaded after a switch or after construction are what the fp32 master copies start from)."))
+        "The inner solver over the active block; None until the visit's first step (built then, from the weights then)."))
     master_copies = property(lambda self: self._block.masters, doc="The active block's master copies; None like solver.")
     buffers = property(lambda self: self._block.buffers, doc="The fp32 buffers kept across visits (bcd.buffers.Buffers).")
     closed = property(lambda self: self._tenure.reason is not None, doc="Whether close() ran or a newer optimizer took over.")
@@ -161,10 +160,8 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
 
     def register_block_switch_hook(self, hook: Callable[[BlockCoordinateOptimizer, BlockSwitch], None], *,
                                    prepend: bool = False) -> RemovableHandle:
-        """Call ``hook(optimizer, event)`` at every block activation (start, switch, resume); returns a removable handle.
-
-        Hooks run in registration order; ``prepend=True`` puts this one first, so what it keeps in
-        step with the active block (the landscape expansion) moves before a later hook can raise."""
+        """Call ``hook(optimizer, event)`` at every block activation (start, switch, resume), in registration order
+        (``prepend=True``: first, so that what it keeps in step, the expansion, moves before a later hook can raise)."""
         return self._switch_hooks.register(hook, prepend)
 
     # ------------------------------------------------------------------ activation
@@ -237,11 +234,15 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         if schedule.step_in_block == 0 and (regrouped or not schedule.continues(previous)):
             self._activate(reason="switch", previous=block)
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's ``zero_grad``, and the active block's rows' (:mod:`bcd.rowgrad`)."""
+        super().zero_grad(set_to_none)
+        self._block.zero_row_grads(set_to_none)
+
     # ------------------------------------------------------------------ lifecycle
 
     def close(self, reason: str = "close() was called") -> None:
-        """Remove every hook this optimizer installed and make the candidates trainable again. Idempotent.
-
+        """Remove every hook this optimizer installed and make the candidates trainable again (idempotent);
         ``reason`` is what a later ``step()`` names when it refuses."""
         if not self.closed:
             if self._wait is not None:

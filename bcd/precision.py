@@ -53,11 +53,15 @@ class MasterCopies:
         buffers: where low-precision masters live across visits; None allocates them afresh.
         lean: keep no fp32 copies (see the module docstring); needs ``buffers`` and Adam or AdamW.
         indices: each entry's tensor index among the candidates, which seeds its rounding (lean).
+        row_params: for a row entry whose rows are a parameter of their own (:mod:`bcd.rowgrad`), by
+            entry index: that parameter, whose ``.grad`` is the entry's gradient (the tensor has none).
     """
 
     def __init__(self, entries: Sequence[tuple[str, nn.Parameter, tuple[int, int] | None]],
-                 buffers: Buffers | None = None, lean: bool = False, indices: Sequence[int] = ()) -> None:
+                 buffers: Buffers | None = None, lean: bool = False, indices: Sequence[int] = (),
+                 row_params: Mapping[int, torch.Tensor] | None = None) -> None:
         self.names = [name for name, _, _ in entries]
+        self.row_params = dict(row_params or {})
         self.rows = [rows for _, _, rows in entries]
         self.sources = [param for _, param, _ in entries]
         #: The distinct parameters the block touches.
@@ -109,9 +113,20 @@ class MasterCopies:
     def _is_copy(self, index: int) -> bool:
         return needs_master(self.sources[index]) and index not in self.lean
 
+    def _entry_gradient(self, index: int, grads: Mapping[int, torch.Tensor | None]) -> torch.Tensor | None:
+        """Entry ``index``'s gradient in the model's dtype: its rows parameter's, or the tensor's (rows)."""
+        if index in self.row_params:
+            return self.row_params[index].grad
+        grad = grads[id(self.sources[index])]
+        return None if grad is None else _rows(grad, self.rows[index])
+
+    def _free(self, index: int) -> None:
+        """Drop a rows parameter's low-precision gradient once stepped (an fp32 one is kept, as torch's optimizers do)."""
+        if index in self.row_params and needs_master(self.sources[index]):
+            self.row_params[index].grad = None
+
     def _gradient(self, index: int, grad: torch.Tensor, buffer: bool) -> torch.Tensor:
-        """The solver tensor's gradient: the parameter's (rows), in fp32, in the reused buffer when asked."""
-        grad = _rows(grad, self.rows[index])
+        """The solver tensor's gradient from the entry's: in fp32, in the reused buffer when asked."""
         if not self._is_copy(index):
             return grad
         if buffer and self.buffers is not None and not sharded(grad):
@@ -134,9 +149,10 @@ class MasterCopies:
         grads = {id(p): p.grad for p in self.params}
         remaining = {id(p): sum(s is p for s in self.sources) for p in self.params}
         if not streams(solver):
-            for index, param in enumerate(self.sources):
-                grad = grads[id(param)]
+            for index in range(len(self.sources)):
+                grad = self._entry_gradient(index, grads)
                 self.solver_params[index].grad = None if grad is None else self._gradient(index, grad, buffer=False)
+                self._free(index)
             for param in self.params:
                 if needs_master(param):
                     param.grad = None
@@ -152,15 +168,16 @@ class MasterCopies:
             if not needs_master(param):
                 param.grad = None
         for index, param in enumerate(self.sources):
-            grad = grads[id(param)]
+            grad = self._entry_gradient(index, grads)
             if grad is not None and (index in self.lean or self._chunked(solver, index)):
-                self._step_in_chunks(solver, index, _rows(grad, self.rows[index]), step)
+                self._step_in_chunks(solver, index, grad, step)
             elif grad is not None:
                 master = self.solver_params[index]
                 master.grad = self._gradient(index, grad, buffer=True)
                 solver.step()
                 master.grad = None
                 self._write_back(index)
+            self._free(index)
             remaining[id(param)] -= 1
             if not remaining[id(param)] and needs_master(param):
                 param.grad = None  # its last entry is done: free the low-precision gradient now

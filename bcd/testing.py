@@ -28,6 +28,7 @@ from bcd.construction import candidates_of
 from bcd.contracts import check
 from bcd.observe import Observations, observes
 from bcd.optimizer import BlockCoordinateOptimizer
+from bcd.rowgrad import ROWS
 
 
 def free_port() -> int:
@@ -113,10 +114,11 @@ def check_invariants(
 ) -> None:
     """Train ``steps`` steps and check bcd's invariants at each (by default three block-epochs' worth).
 
-    Checked at every step: only the active block requires grad and receives a gradient; only
-    its parameters change, and they do; inactive parameters and the inactive rows of a row block
-    are bit-identical; the solver and the master copies exist for the active block only, and not
-    yet right after a switch.
+    Checked at every step: only the active block requires grad and receives a gradient (a row
+    block's tensor either itself, or through its rows registered as :data:`bcd.rowgrad.ROWS`,
+    whose gradient then has the rows' shape); only its parameters change, and they do; inactive
+    parameters and the inactive rows of a row block are bit-identical; the solver and the master
+    copies exist for the active block only, and not yet right after a switch.
 
     Args:
         model: the model the optimizer was built over.
@@ -124,14 +126,19 @@ def check_invariants(
         loss: ``loss(model, step)`` returns a scalar loss for that step's batch.
         steps: how many steps; default ``3 * K * D``.
     """
-    params = dict(model.named_parameters())
+    params = {n: p for n, p in model.named_parameters() if n.rpartition(".")[2] != ROWS}
     steps = steps if steps is not None else 3 * optimizer.switch_every * len(optimizer.blocks)
     previous_block, previous_solver = None, None
     for step in range(steps):
         active = set(optimizer.active_block.tensor_names)
         rows = optimizer.active_block.row_spans
+        # A row block's rows registered on their module, by the name of the tensor they are rows of.
+        by_rows = {f"{n.rpartition('.')[0]}.weight".lstrip("."): p for n, p in model.named_parameters()
+                   if n.rpartition(".")[2] == ROWS}
+        assert set(by_rows) <= set(rows), f"step {step}: rows registered for {sorted(set(by_rows) - set(rows))}"
         for name, param in params.items():
-            assert param.requires_grad == (name in active), f"step {step}: {name} requires_grad={param.requires_grad}"
+            trainable = param.requires_grad or (name in by_rows and by_rows[name].requires_grad)
+            assert trainable == (name in active), f"step {step}: {name} requires_grad={param.requires_grad}"
         if optimizer.active_block != previous_block:
             assert optimizer.solver is None and optimizer.master_copies is None, f"step {step}: state kept across a switch"
         if optimizer.solver is not None:
@@ -144,6 +151,10 @@ def check_invariants(
         loss(model, step).backward()
         for name, param in params.items():
             assert param.grad is None or name in active, f"step {step}: frozen {name} has a gradient"
+        for name, param in by_rows.items():
+            (a, b), = rows[name]
+            assert params[name].grad is None, f"step {step}: {name} has a whole-tensor gradient beside its rows'"
+            assert param.grad is None or param.grad.shape[0] == b - a, f"step {step}: the rows of {name} have a wider gradient"
         optimizer.step()
         optimizer.zero_grad()
         previous_solver = optimizer.solver

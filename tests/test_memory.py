@@ -57,8 +57,10 @@ def test_the_largest_block_sets_the_peak_and_row_blocks_bound_it():
     names = [f.name for f in badam.blocks]
     assert names[:3] == ["embedding/0", "embedding/1", "embedding/2"] and names[-3:] == ["head/0", "head/1", "head/2"]
     assert all(f.params <= layer for f in badam.blocks) and len(badam.blocks) == 38
-    # A head row block holds the whole bf16 head gradient: it sets the gradient peak, a layer the rest.
-    assert badam.breakdown.gradients == 2 * (128256 * 4096 + 4096) + 4 * 2**24
+    # A head row block holds its rows' bf16 gradient only (bcd.rowgrad): a layer sets every peak.
+    head = next(f for f in badam.blocks if f.name == "head/0")
+    assert head.bytes.gradients == 2 * head.params + 4 * 2**24 < 2 * 128256 * 4096
+    assert badam.breakdown.gradients == 2 * layer + 4 * 2**24 and badam.largest_block == "model.layers.0"
     assert badam.breakdown.solver_state == 8 * layer + 4 * 9 and badam.breakdown.master_copies == 4 * layer
     assert badam.breakdown.total < 20 * 10**9 < 23 * 10**9 < unsplit.breakdown.total
 
@@ -187,7 +189,7 @@ def test_cli_table_names_the_largest_block(capsys):
     assert main(["memory", "--preset", "llama-3-8b", "--method", "badam", "--max-block-params", "1000000000000"]) == 0
     assert "the largest, head (525.3M parameters" in capsys.readouterr().out
     assert main(["memory", "--preset", "llama-3-8b", "--method", "badam"]) == 0
-    assert "D = 38 blocks; the largest, head/0 (175.1M parameters" in capsys.readouterr().out
+    assert "D = 38 blocks; the largest, model.layers.0 (218.1M parameters" in capsys.readouterr().out
 
 
 def test_tensorboard_memory_logger(tmp_path):

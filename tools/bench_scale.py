@@ -4,7 +4,8 @@ Each method runs in a process of its own (peak RSS is per process), one after th
 Llama-shaped bf16 model built on the meta device and materialised on the CPU (or CUDA with
 ``--device cuda``) with random weights. K = 1: every step is a switch, so the update time
 includes it. Reported per method: peak RSS, RSS of the bare model, forward, backward and
-update (``optimizer.step()``) time per step, and beside them what ``bcd memory`` predicts.
+update (``optimizer.step()``) time per step, the block whose step set the peak, and beside them
+what ``bcd memory`` predicts.
 
     python tools/bench_scale.py --shape small                   # a quick run, seconds
     python tools/bench_scale.py --shape llama-2-7b --steps 12   # ~15 minutes on a 2-core CPU
@@ -98,8 +99,10 @@ def worker(args: argparse.Namespace) -> dict:
     steps = args.steps or blocks
     generator = torch.Generator().manual_seed(1)
     forward, backward, update = [], [], []
+    peaks = []  # (the block trained, the peak RSS so far) after each step: where the peak was set
     clock = Stopwatch(args.device)
-    for _ in range(steps):
+    for step in range(steps):
+        block = optimizer.active_block.name if args.worker in ("bcd", "recipe", "lean") else f"step {step}"
         ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=generator).to(args.device)
         clock.lap()
         loss = model(input_ids=ids, labels=ids).loss
@@ -110,7 +113,9 @@ def worker(args: argparse.Namespace) -> dict:
         optimizer.zero_grad(set_to_none=True)
         update.append(clock.lap())
         del loss
+        peaks.append((block, peak_rss()))
     result = {"method": args.worker, "blocks": blocks, "steps": steps, "peak_rss": peak_rss(), "bare_rss": bare,
+              "peak_block": next(name for name, peak in peaks if peak == peaks[-1][1]),
               "forward": statistics.mean(forward), "backward": statistics.mean(backward),
               "update": statistics.mean(update), "update_max": max(update), "update_min": min(update)}
     if args.device == "cuda":
@@ -172,6 +177,7 @@ def main() -> None:
             print(f"{r['method']} on CUDA: max allocated {r['cuda_max_allocated'] / GIB:.2f} GiB, max reserved "
                   f"{r['cuda_max_reserved'] / GIB:.2f} GiB; estimate / allocated "
                   f"{estimate['total'] / r['cuda_max_allocated']:.3f}")
+    print("peak set at: " + ", ".join(f"{r['method']} {r['peak_block']}" for r in results))
     by = {r["method"]: r for r in results}
     if "lean" in by:
         lean = predicted(args.shape, "badam-lean")

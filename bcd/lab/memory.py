@@ -4,8 +4,8 @@ Categories, in bytes:
 
 - **weights**: the model's parameters, in their dtype;
 - **gradients**: held at the moment the solver steps (for bcd: the active block's bf16
-  gradients, whole tensors also for row blocks, and one reused fp32 gradient buffer, see
-  :mod:`bcd.precision`);
+  gradients, a row block's rows only where :mod:`bcd.rowgrad` applies and the whole tensor
+  elsewhere, and one reused fp32 gradient buffer, see :mod:`bcd.precision`);
 - **solver state**: the inner solver's tensors (Adam: :math:`m`, :math:`v` and a step counter per
   tensor);
 - **master copies**: fp32 copies of low-precision parameters.
@@ -21,18 +21,18 @@ holds :math:`2M` (weights) + :math:`2M` (gradients) + :math:`4M` (masters) + :ma
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import attrs
 import torch
 from torch import nn
 
-from bcd import plugins
+from bcd import plugins, rowgrad
 from bcd.checks import positive_int
 from bcd.construction import resolve_partition
 from bcd.lab.measure import Breakdown, LiveMemory, measure
-from bcd.blocks import block_numel, parse_entry
+from bcd.blocks import block_numel, entry_numel, parse_entry
 from bcd.cost import SolverLayout, block_bytes, plan_buffers, solver_layout
 
 __all__ = ["Breakdown", "LiveMemory", "MemoryEstimate", "estimate", "estimate_activations", "format_size", "measure",
@@ -107,17 +107,22 @@ def _shard(count: int, world_size: int) -> int:
 
 
 def _block_cost(entries: Sequence[str], params: Mapping[str, torch.Tensor], layout: SolverLayout,
-                fp32_gradient: int, world_size: int = 1, lean: bool = False) -> Breakdown:
+                fp32_gradient: int, world_size: int = 1, lean: bool = False, by_rows: Collection[str] = ()) -> Breakdown:
     """Bytes of training the block of ``entries`` (names or row entries), beside the weights (:mod:`bcd.cost`).
 
-    A partly active tensor (a row block) holds its whole gradient in the model's dtype; low-precision
-    entries have fp32 masters and share one fp32 gradient buffer of ``fp32_gradient`` bytes.
+    A row block of a tensor in ``by_rows`` (:func:`bcd.rowgrad.owners`) holds its rows' gradient in
+    the model's dtype, any other partly active tensor its whole gradient; low-precision entries have
+    fp32 masters and share one fp32 gradient buffer of ``fp32_gradient`` bytes.
     """
-    tensors = {parse_entry(e)[0]: params[parse_entry(e)[0]] for e in entries}
+    held: dict[str, list[str]] = {}
+    for entry in entries:
+        held.setdefault(parse_entry(entry)[0], []).append(entry)
+    gradients = sum(params[name].element_size() * (entry_numel(found[0], params) if name in by_rows and len(found) == 1
+                                                    else params[name].numel()) for name, found in held.items())
     need = block_bytes(entries, params, layout, lean)
     kind = lambda name: sum(count for (k, _), count in need.items() if k == name)  # noqa: E731 - over devices
     return Breakdown(
-        gradients=_shard(sum(p.numel() * p.element_size() for p in tensors.values()) + fp32_gradient, world_size),
+        gradients=_shard(gradients + fp32_gradient, world_size),
         # Per-tensor state (Adam's step counter) is a scalar that every rank keeps whole.
         solver_state=_shard(kind("moments"), world_size) + layout.bytes_per_tensor * len(entries),
         master_copies=_shard(kind("masters"), world_size),
@@ -224,11 +229,12 @@ def estimate(
             partition = resolve_partition(model, partitioner, partitioner_options or {}, params, max_block_params)[2]
             buffer = sum(4 * n for (kind, _), n in plan_buffers([b.param_names for b in partition], params, layout,
                                                                  lean).items() if kind == "gradient")
+            by_rows = rowgrad.owners(model, partition.row_spans)
             figures = tuple(
                 BlockFigure(
                     name=block.name,
                     params=block_numel(block, params),
-                    bytes=_block_cost(block.param_names, params, layout, buffer, world_size, lean),
+                    bytes=_block_cost(block.param_names, params, layout, buffer, world_size, lean, by_rows),
                 )
                 for block in partition
             )

@@ -244,7 +244,8 @@ def profile(
         return middle - start, end - middle, memory
 
     configs = [("all blocks", -1, set(partition.tensor_names))]
-    # A row block makes its whole tensor require grad: its backward is the whole tensor's.
+    # A row block is timed with its whole tensor trainable: an upper bound where training computes
+    # the rows' gradient only (bcd.rowgrad), the cost where it cannot (several ranks, tied weights).
     configs += [(block.name, i, set(block.tensor_names)) for i, block in enumerate(partition)]
     configs.append(("no block", -2, set()))
     try:
@@ -308,8 +309,8 @@ def predict_epoch(blocks: tuple[BlockProfile, ...], partitioner: str = "layer") 
     """The block-epoch figures from per-block profiles (see the module docstring)."""
     edges = EDGE_BLOCKS if partitioner == "layer" else ()
     inner = [b for b in blocks if edge_of(b.name, edges) is None] or list(blocks)
-    # A head split into row blocks: each row block's backward is the whole head's (a row block
-    # makes its tensor trainable), so the head's share is their mean.
+    # A head split into row blocks: each row block is profiled with the whole head trainable (see
+    # profile()), so the head's share is their mean.
     head = [b.backward_flops_ratio for b in blocks if edge_of(b.name, edges) == "head"]
     d = len(inner)
     head_share = sum(head) / len(head) if head else 0.0
