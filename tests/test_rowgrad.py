@@ -185,3 +185,21 @@ def test_tied_custom_and_distributed_weights_keep_the_whole_tensor_path(monkeypa
     assert rowgrad.owners(llama(whole_tensors=True), ["model.embed_tokens.weight", "lm_head.weight"]) == {}
     monkeypatch.setenv("WORLD_SIZE", "2")  # several ranks: DDP would not average a parameter it did not register
     assert rowgrad.owners(llama(), ["lm_head.weight"]) == {}
+
+
+@pytest.mark.parametrize("span", [(0, 5), (3, 9), (5, 12)], ids=["padding-inside", "padding-first", "padding-outside"])
+def test_an_embeddings_rows_gradient_is_the_whole_gradients_rows_and_skips_padding(span):
+    torch.manual_seed(0)
+    embedding = nn.Embedding(12, 4, padding_idx=3)
+    ids = torch.tensor([[3, 1, 4, 3, 7, 11], [5, 3, 9, 2, 6, 4]])
+    grad = torch.randn(2, 6, 4)
+    embedding(ids).backward(grad)
+    whole = embedding.weight.grad.clone()
+    embedding.weight.grad = None
+    embedding.weight.requires_grad_(False)
+    attached = rowgrad.RowGradient(embedding, span)
+    embedding(ids).backward(grad)
+    a, b = span
+    assert torch.equal(attached.rows.grad, whole[a:b]) and embedding.weight.grad is None
+    attached.release()
+    assert not hasattr(embedding, ROWS) and "forward" not in vars(embedding)

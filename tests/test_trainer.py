@@ -31,10 +31,10 @@ def arguments(output_dir, **overrides) -> TrainingArguments:
     return TrainingArguments(**settings)
 
 
-def run(args: TrainingArguments, resume: str | None = None):
+def run(args: TrainingArguments, resume: str | None = None, **options):
     torch.manual_seed(0)
     model = tiny_llama(layers=3).to(torch.bfloat16)
-    optimizer = badam_from_training_args(model, args, switch_every=3, order="random", seed=1)
+    optimizer = badam_from_training_args(model, args, switch_every=3, order="random", seed=1, **options)
     trainer = Trainer(model=model, args=args, train_dataset=dataset(), optimizers=(optimizer, None))
     attach(trainer)
     trainer.train(resume_from_checkpoint=resume)
@@ -42,11 +42,17 @@ def run(args: TrainingArguments, resume: str | None = None):
     return losses, model, trainer
 
 
-def test_resume_from_a_mid_block_checkpoint_is_bit_identical(tmp_path):
-    uninterrupted, reference, whole = run(arguments(tmp_path / "a"))
-    run(arguments(tmp_path / "b", save_steps=4))  # K = 3: step 4 is mid-block
-    resumed, model, trainer = run(arguments(tmp_path / "b", save_steps=4), resume=str(tmp_path / "b" / "checkpoint-4"))
+@pytest.mark.parametrize("max_block_params", [None, 600], ids=["whole-tensors", "row-blocks"])
+def test_resume_from_a_mid_block_checkpoint_is_bit_identical(tmp_path, max_block_params):
+    # row-blocks: the embedding and the head (64 x 16) in two row blocks each, trained by rows (bcd.rowgrad)
+    options = {"max_block_params": max_block_params}
+    uninterrupted, reference, whole = run(arguments(tmp_path / "a"), **options)
+    run(arguments(tmp_path / "b", save_steps=4), **options)  # K = 3: step 4 is mid-block
+    resumed, model, trainer = run(arguments(tmp_path / "b", save_steps=4), resume=str(tmp_path / "b" / "checkpoint-4"),
+                                  **options)
     assert resumed == uninterrupted
+    assert any(name.startswith("head/") for name in (b.name for b in _unwrap(trainer.optimizer).blocks)) == (
+        max_block_params is not None)
     # bcd/switches goes on from the checkpoint's count, not from 0.
     assert _unwrap(trainer.optimizer).switches == _unwrap(whole.optimizer).switches > 0
     for (name, a), (_, b) in zip(model.named_parameters(), reference.named_parameters()):
