@@ -25,6 +25,7 @@ whole tensor is trained and the other rows' gradient zeroed (:mod:`bcd.activatio
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -157,13 +158,9 @@ class RowGradient:
         #: The rows, a trainable view of the frozen weight; its ``.grad`` is the block's gradient.
         self.rows = nn.Parameter(weight.detach()[start:stop], requires_grad=True)
         module.register_parameter(ROWS, self.rows)
-        if isinstance(module, nn.Linear):
-            def forward(x: torch.Tensor) -> torch.Tensor:
-                return _RowsLinear.apply(x, module.weight, module.bias, self.rows, start)
-        else:
-            def forward(ids: torch.Tensor) -> torch.Tensor:
-                return _RowsEmbedding.apply(ids, module.weight, self.rows, start, module.padding_idx)
-        module.forward = forward
+        # A partial of a module-level function, not a closure: a deepcopy of the model (a reference
+        # model, an EMA) gets a forward over its own copy's weights, and pickling works.
+        module.forward = functools.partial(_linear if isinstance(module, nn.Linear) else _embedding, module, start)
         self.handles: list[RemovableHandle] = [module.register_state_dict_post_hook(_leave_out),
                                                module.register_load_state_dict_post_hook(_not_missing)]
 
@@ -176,6 +173,14 @@ class RowGradient:
         if getattr(self.module, ROWS, None) is self.rows:
             delattr(self.module, ROWS)
             del self.module.forward
+
+
+def _linear(module: nn.Linear, start: int, x: torch.Tensor) -> torch.Tensor:
+    return _RowsLinear.apply(x, module.weight, module.bias, getattr(module, ROWS), start)
+
+
+def _embedding(module: nn.Embedding, start: int, ids: torch.Tensor) -> torch.Tensor:
+    return _RowsEmbedding.apply(ids, module.weight, getattr(module, ROWS), start, module.padding_idx)
 
 
 def _leave_out(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:

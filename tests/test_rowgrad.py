@@ -203,3 +203,19 @@ def test_an_embeddings_rows_gradient_is_the_whole_gradients_rows_and_skips_paddi
     assert torch.equal(attached.rows.grad, whole[a:b]) and embedding.weight.grad is None
     attached.release()
     assert not hasattr(embedding, ROWS) and "forward" not in vars(embedding)
+
+
+def test_a_deepcopy_taken_mid_visit_computes_with_its_own_weights():
+    # TRL's reference model is a deepcopy of the policy, often taken after the optimizer was built.
+    import copy
+    import pickle
+
+    model = llama()
+    optimizer = optimizer_for(model, order="descending")  # kept: collecting it would give the rows back
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.lm_head.weight.zero_()
+    ids = batch(0)
+    assert not twin(input_ids=ids).logits.any() and model(input_ids=ids).logits.any()
+    assert pickle.loads(pickle.dumps(model.lm_head)).forward.args[0] is not model.lm_head
+    assert hasattr(model.lm_head, ROWS) and not optimizer.closed
