@@ -216,8 +216,7 @@ class MasterCopies:
                 view.grad = None
                 if lean:
                     draws = rounding.generator(0, step, self.indices[index], first_row + start, chunk.device)
-                    with torch.no_grad():
-                        chunk.copy_(rounding.stochastic_round(view, chunk.dtype, draws))
+                    rounding.round_into_(chunk, view, draws)
         finally:
             group["params"][position] = master
         state.update(scalars)

@@ -22,6 +22,10 @@ import torch
 
 #: Distinct seeds per (seed, step, tensor, draw): large odd multipliers keep the tuples apart.
 _MIX = (1_000_003, 998_244_353, 7_919)
+#: Elements rounded at a time on a CPU: a 4 MB fp32 piece whose temporaries stay in cache, about
+#: 0.7x the time of a 64 MB one; the draws are the same (one generator, drawn piece after piece).
+CPU_CHUNK = 2**20
+_BF16_MAX = torch.finfo(torch.bfloat16).max
 
 
 def generator(seed: int, step: int, index: int, draw: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
@@ -73,15 +77,30 @@ def _fp32_to_bf16(value: torch.Tensor, generator: torch.Generator) -> torch.Tens
     noise = torch.randint(0, 1 << 16, value.shape, generator=generator, dtype=torch.int32, device=value.device)
     bits = value.contiguous().view(torch.int32)
     drawn = noise.add_(bits).bitwise_and_(-(1 << 16)).view(torch.float32).to(torch.bfloat16)  # exact: low bits zero
-    # On a CPU the passes are the cost, so the fix-up below runs only when a value needs it; on an
+    # On a CPU the passes are the cost, so the fix-up below runs only when a value needs it (one
+    # reduction: every value finite and at most bf16's largest, so no draw can round past it); on an
     # accelerator the passes are cheap and a data-dependent branch would wait for the device.
-    if value.device.type == "cpu" and bool(torch.isfinite(value).all()) and bool(torch.isfinite(drawn).all()):
-        return drawn
+    if value.device.type == "cpu" and value.numel():
+        low, high = torch.aminmax(value)  # nan propagates into both
+        if bool(torch.isfinite(low) & torch.isfinite(high)) and max(-float(low), float(high)) <= _BF16_MAX:
+            return drawn
     # Past the largest finite bf16 a draw would overflow: keep the finite neighbour. inf and nan stay
     # themselves (a nan's bits plus a draw can wrap past the sign bit to a finite zero).
     truncated = bits.bitwise_and(-(1 << 16)).view(torch.float32).to(torch.bfloat16)
     finite = torch.where(torch.isfinite(drawn), drawn, truncated)
     return torch.where(torch.isfinite(value), finite, value.to(torch.bfloat16))
+
+
+def round_into_(target: torch.Tensor, value: torch.Tensor, generator: torch.Generator) -> None:
+    """``target.copy_(stochastic_round(value, target.dtype, generator))``, :data:`CPU_CHUNK` elements at
+    a time on a CPU (the same draws as at once: one generator, drawn piece after piece)."""
+    with torch.no_grad():
+        if value.device.type != "cpu" or not (target.is_contiguous() and value.is_contiguous()):
+            target.copy_(stochastic_round(value, target.dtype, generator))
+            return
+        flat, exact = target.view(-1), value.view(-1)
+        for start in range(0, exact.numel(), CPU_CHUNK):
+            flat[start:start + CPU_CHUNK].copy_(stochastic_round(exact[start:start + CPU_CHUNK], target.dtype, generator))
 
 
 def add_rounded_(param: torch.Tensor, update: torch.Tensor, alpha: float, generator: torch.Generator) -> None:
