@@ -6,10 +6,10 @@ frozen blocks and stops below the lowest active parameter. A row block's rows be
 of their own whose backward computes only their gradient (:mod:`bcd.rowgrad`); where that does
 not apply (several ranks, a tied or custom module) the whole tensor is made trainable and the
 other rows' gradient zeroed as backward produces it, so what clipping and logging see is the
-block's gradient either way. The master copies and the
-inner solver are built at the visit's first step, from the weights as they are then, in fp32
-buffers kept across visits (:mod:`bcd.buffers`); the solver is dropped at the switch (no
-``gc.collect()``, no ``empty_cache()``).
+block's gradient either way. The master copies and the inner solver are built at the visit's
+first step, from the weights as they are then, in fp32 buffers kept across visits
+(:mod:`bcd.buffers`); the solver is dropped at the switch (no ``gc.collect()``, no
+``empty_cache()``).
 """
 
 from __future__ import annotations
