@@ -136,6 +136,9 @@ class ActiveBlock:
         self.params = []
         for name in self.block.tensor_names:
             if name in by_rows:
+                # The weight stays frozen, also where something else (the expansion) had made it trainable.
+                self.candidates[name].requires_grad_(False)
+                self.candidates[name].grad = None
                 self.row_gradients[name] = rowgrad.RowGradient(self.row_owners[name], by_rows[name])
                 self.params.append(self.row_gradients[name].rows)
                 continue

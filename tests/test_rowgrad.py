@@ -55,7 +55,8 @@ def train(model: nn.Module, steps: int, micro_batches: int = 1, **options) -> bc
         for micro in range(micro_batches):
             ids = batch(step * micro_batches + micro)
             (model(input_ids=ids, labels=ids).loss / micro_batches).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)  # as the Trainer: over model.parameters()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)  # as the Trainer: over model.parameters()
+        assert norm > 0.01  # every step is clipped: the norm decides the step
         optimizer.step()
         optimizer.zero_grad()
     return optimizer
@@ -84,16 +85,19 @@ def test_row_blocks_of_the_head_and_embedding_get_their_rows_own_gradient():
     assert seen == {"model.embed_tokens.weight", "lm_head.weight"}
 
 
+@pytest.mark.parametrize("expansion", [None, "all"], ids=["plain", "expansion"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_a_block_epoch_with_accumulation_and_clipping_equals_the_whole_tensor_path_bit_for_bit(dtype):
-    # Two block-epochs, two micro-batches a step, clipped over model.parameters(): the rows'
-    # gradient takes part in the norm as the whole tensor's zeroed-elsewhere gradient did.
+def test_a_block_epoch_with_accumulation_and_clipping_equals_the_whole_tensor_path_bit_for_bit(dtype, expansion):
+    # Two block-epochs, two micro-batches a step, clipped over model.parameters() (at a norm every
+    # step exceeds): the rows' gradient takes part in the norm as the whole tensor's zeroed-elsewhere
+    # gradient did. With the expansion, a weight it stepped on the visit before stays frozen.
     rows, whole = llama(dtype), llama(dtype, whole_tensors=True)
     heads = ["model.embed_tokens.weight", "lm_head.weight"]
     assert len(rowgrad.owners(rows, heads)) == 2 and not rowgrad.owners(whole, heads)  # one path each
     steps = 2 * 2 * len(optimizer_for(llama(dtype)).blocks)
-    train(rows, steps, micro_batches=2)
-    train(whole, steps, micro_batches=2)
+    options = {"expansion": expansion, "total_steps": steps} if expansion else {}
+    assert train(rows, steps, micro_batches=2, **options).expansion is not None or not expansion
+    train(whole, steps, micro_batches=2, **options)
     for name, param in whole.named_parameters():
         assert torch.equal(rows.get_parameter(name), param), name
 
