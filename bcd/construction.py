@@ -26,7 +26,7 @@ from bcd.groups import check_hyperparameters, outer_groups
 from bcd.observe import observes
 from bcd.cost import needs_master
 from bcd.schedule import BlockSchedule
-from bcd.rowgrad import ROWS
+from bcd.rowgrad import is_rows
 from bcd.tenure import owner_of
 
 
@@ -44,7 +44,7 @@ def candidates_of(model: nn.Module) -> dict[str, nn.Parameter]:
     known = {id(p) for p in owner.candidates.values()} if owner is not None else set()
     # Not the rows another optimizer registered for its visit (bcd.rowgrad): they are views of a candidate.
     params = {name: p for name, p in model.named_parameters()
-              if (p.requires_grad or id(p) in known) and name.rpartition(".")[2] != ROWS}
+              if (p.requires_grad or id(p) in known) and not is_rows(name)}
     return params if params else trainable_parameters(model)
 
 

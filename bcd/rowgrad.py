@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -101,16 +101,27 @@ class _RowsEmbedding(torch.autograd.Function):
         return None, grad_weight, grad_rows, None, None
 
 
-def _kind(module: nn.Module) -> str | None:
-    """``"linear"`` or ``"embedding"`` for a module whose forward is torch's own and exact here, else None."""
+def _forward_for(module: nn.Module) -> Callable[..., torch.Tensor] | None:
+    """The rows-aware forward for a module whose own forward is torch's and exact here, else None."""
     if "forward" in vars(module) or hasattr(module, ROWS):  # a forward patched by someone else, or ours
         return None
     if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
-        return "linear"
+        return _linear
     if (isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward and module.max_norm is None
             and not module.scale_grad_by_freq and not module.sparse):
-        return "embedding"
+        return _embedding
     return None
+
+
+def is_rows(name: str) -> bool:
+    """Whether ``name`` (qualified, from ``named_parameters()`` or a state dict) is a visit's registered rows."""
+    return name.rpartition(".")[2] == ROWS
+
+
+def registered(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The rows registered on ``model`` now, by the qualified name of the weight they are rows of."""
+    return {f"{prefix}.weight" if prefix else "weight": getattr(module, ROWS)
+            for prefix, module in model.named_modules() if isinstance(getattr(module, ROWS, None), nn.Parameter)}
 
 
 def owners(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
@@ -134,7 +145,7 @@ def owners(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
         except AttributeError:
             continue
         param = getattr(module, attribute, None)
-        if attribute == "weight" and isinstance(param, nn.Parameter) and uses[id(param)] == 1 and _kind(module):
+        if attribute == "weight" and isinstance(param, nn.Parameter) and uses[id(param)] == 1 and _forward_for(module):
             found[name] = module
     return found
 
@@ -154,13 +165,14 @@ class RowGradient:
     def __init__(self, module: nn.Module, span: tuple[int, int]) -> None:
         start, stop = span
         self.module = module
+        forward = _forward_for(module)  # before the rows are registered, which it refuses
         weight = module.weight
         #: The rows, a trainable view of the frozen weight; its ``.grad`` is the block's gradient.
         self.rows = nn.Parameter(weight.detach()[start:stop], requires_grad=True)
         module.register_parameter(ROWS, self.rows)
         # A partial of a module-level function, not a closure: a deepcopy of the model (a reference
         # model, an EMA) gets a forward over its own copy's weights, and pickling works.
-        module.forward = functools.partial(_linear if isinstance(module, nn.Linear) else _embedding, module, start)
+        module.forward = functools.partial(forward, module, start)
         self.handles: list[RemovableHandle] = [module.register_state_dict_post_hook(_leave_out),
                                                module.register_load_state_dict_post_hook(_not_missing)]
 
@@ -189,7 +201,7 @@ def _leave_out(module: nn.Module, state_dict: dict[str, Any], prefix: str, local
 
 def _not_missing(module: nn.Module, incompatible_keys: Any) -> None:
     missing = incompatible_keys.missing_keys
-    missing[:] = [key for key in missing if key.rpartition(".")[2] != ROWS]
+    missing[:] = [key for key in missing if not is_rows(key)]
 
 
 def release_all(attached: dict[str, RowGradient]) -> None:

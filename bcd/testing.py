@@ -23,12 +23,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from bcd import rowgrad
 from bcd.blocks import Partition, check_rows
 from bcd.construction import candidates_of
 from bcd.contracts import check
 from bcd.observe import Observations, observes
 from bcd.optimizer import BlockCoordinateOptimizer
-from bcd.rowgrad import ROWS
 
 
 def free_port() -> int:
@@ -126,15 +126,13 @@ def check_invariants(
         loss: ``loss(model, step)`` returns a scalar loss for that step's batch.
         steps: how many steps; default ``3 * K * D``.
     """
-    params = {n: p for n, p in model.named_parameters() if n.rpartition(".")[2] != ROWS}
+    params = {n: p for n, p in model.named_parameters() if not rowgrad.is_rows(n)}
     steps = steps if steps is not None else 3 * optimizer.switch_every * len(optimizer.blocks)
     previous_block, previous_solver = None, None
     for step in range(steps):
         active = set(optimizer.active_block.tensor_names)
         rows = optimizer.active_block.row_spans
-        # A row block's rows registered on their module, by the name of the tensor they are rows of.
-        by_rows = {f"{n.rpartition('.')[0]}.weight".lstrip("."): p for n, p in model.named_parameters()
-                   if n.rpartition(".")[2] == ROWS}
+        by_rows = rowgrad.registered(model)
         assert set(by_rows) <= set(rows), f"step {step}: rows registered for {sorted(set(by_rows) - set(rows))}"
         for name, param in params.items():
             trainable = param.requires_grad or (name in by_rows and by_rows[name].requires_grad)
