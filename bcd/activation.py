@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from bcd import averaging, distributed, rowgrad
+from bcd import averaging, distributed, quantized, rowgrad
 from bcd.blocks import Block, parse_entry
 from bcd.buffers import Buffers, prefill, rehome
 from bcd.precision import MasterCopies
@@ -60,13 +60,13 @@ class ActiveBlock:
         deferred: returns True while ``requires_grad`` must not be touched (every candidate stays
             trainable until a wrapper's first forward, see :class:`bcd.distributed.WrapperWait`).
         buffers: the fp32 buffers kept across visits.
-        lean: keep no fp32 master copies (:class:`bcd.precision.MasterCopies`).
+        lean: keep no fp32 master copies (:class:`bcd.precision.MasterCopies`); ``"8bit"``: and 8-bit moments.
         row_owners: the row-split tensors whose row blocks compute only their rows' gradient, with
             their modules (:func:`bcd.rowgrad.owners`).
     """
 
     def __init__(self, candidates: dict[str, nn.Parameter], data_parallel: bool, deferred: Callable[[], bool],
-                 buffers: Buffers | None = None, lean: bool = False,
+                 buffers: Buffers | None = None, lean: bool | str = False,
                  row_owners: Mapping[str, nn.Module] | None = None) -> None:
         self.candidates = candidates
         self.row_owners = dict(row_owners or {})
@@ -177,11 +177,11 @@ class ActiveBlock:
         self.masters = MasterCopies(entries, self.buffers, self.lean, [self.index[name] for name, _ in parsed], row_params)
         groups, self.solver_group_index = groups_for(dict(zip(names, self.masters.solver_params)))
         self.solver = factory(groups, **options)
-        prefill(self.solver, self.buffers)
+        prefill(self.solver, self.buffers, self.masters.quantized_params())
 
     def load_solver_state(self, solver_state: Mapping[str, Any], masters: Mapping[str, torch.Tensor]) -> None:
         """Load a checked solver state and master copies into this visit's solver (built first)."""
-        self.solver.load_state_dict(distributed.reshard_solver_state(solver_state, self.solver))
+        quantized.load_into(self.solver, distributed.reshard_solver_state(solver_state, self.solver))
         rehome(self.solver, self.buffers)
         self.masters.load_state_dict(masters)
 

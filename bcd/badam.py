@@ -155,6 +155,8 @@ class BAdam(BlockCoordinateOptimizer):
         expansion_scale: its sign step as a multiple of the rate (default 0.25).
         lean: no fp32 master copies: a bf16 block is stepped in fp32 chunks and stochastically
             rounded back (:mod:`bcd.precision`), 4 bytes per active element less; opt-in.
+            ``"8bit"``: also Adam's moments in 8 bits (:mod:`bcd.quantized`, needs bitsandbytes),
+            another 6 bytes per active element less.
         **solver_options: further ``torch.optim.AdamW`` options (``foreach``, ``fused``, ``amsgrad``...);
             ``fused=True`` is the default on CPU and CUDA unless you pass ``fused`` or ``foreach``.
     """
@@ -179,7 +181,7 @@ class BAdam(BlockCoordinateOptimizer):
         total_steps: int | None = None,
         expansion: str | None = AUTO,
         expansion_scale: float = EXPANSION_SCALE,
-        lean: bool = False,
+        lean: bool | str = False,
         **solver_options: Any,
     ) -> None:
         _check_keywords(solver_options)

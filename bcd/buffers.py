@@ -10,10 +10,11 @@ copied in, moments zeroed), so the arithmetic is unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 import torch
 
+from bcd import quantized
 from bcd.cost import PREFILLED, solver_layout
 from bcd.distributed import sharded
 
@@ -70,42 +71,48 @@ def _owns_state(solver: torch.optim.Optimizer) -> bool:
     return type(solver) in PREFILLED and all(p.dtype == torch.float32 and not sharded(p) for p in params)
 
 
-def prefill(solver: torch.optim.Optimizer, buffers: Buffers) -> None:
+def prefill(solver: torch.optim.Optimizer, buffers: Buffers, eight_bit: Collection[torch.Tensor] = ()) -> None:
     """Create ``solver``'s state in ``buffers`` (zeroed views), for torch's Adam and AdamW only.
 
     Other solvers, and sharded (DTensor) parameters, get their state at the first step, as usual.
+    The tensors in ``eight_bit`` get zeroed 8-bit moments instead (:func:`bcd.quantized.zeros`).
     """
     if not _owns_state(solver):
         return
     # What the solver keeps per tensor, learnt once per group and device (bcd.cost.solver_layout).
     layouts = {}
     totals: dict[torch.device, int] = {}
+    eight = {id(t) for t in eight_bit}
     for index, group in enumerate(solver.param_groups):
         for param in group["params"]:
             key = (index, param.device)
             if key not in layouts:
                 layouts[key] = solver_layout(type(solver), None, group, param.device)
-            totals[param.device] = totals.get(param.device, 0) + len(layouts[key].per_element) * param.numel()
+            if id(param) not in eight:
+                totals[param.device] = totals.get(param.device, 0) + len(layouts[key].per_element) * param.numel()
     # One take per device, before any view is handed out: growing later would strand earlier views.
     flats = {device: buffers.take("moments", device, numel) for device, numel in totals.items()}
     offsets = dict.fromkeys(flats, 0)
     for index, group in enumerate(solver.param_groups):
         for param in group["params"]:
             layout = layouts[(index, param.device)]
-            state = layout.fresh()
+            state = solver.state[param] = layout.fresh()
+            if id(param) in eight:
+                state.update(quantized.zeros(layout.per_element, param.shape, param.device))
+                continue
             for key in layout.per_element:
                 start = offsets[param.device]
                 offsets[param.device] = start + param.numel()
                 state[key] = flats[param.device][start:start + param.numel()].view(param.shape).zero_()
-            solver.state[param] = state
 
 
 def rehome(solver: torch.optim.Optimizer, buffers: Buffers) -> None:
-    """Move a loaded solver state back into ``buffers`` (``load_state_dict`` allocates its own tensors)."""
+    """Move a loaded solver state back into ``buffers`` (``load_state_dict`` allocates its own tensors);
+    8-bit moments stay where they are (:func:`bcd.quantized.load_into`)."""
     if not _owns_state(solver):
         return
     loaded: Iterable[tuple[torch.Tensor, dict]] = [(p, solver.state[p]) for g in solver.param_groups for p in g["params"]
-                                                  if p in solver.state]
+                                                  if p in solver.state and not quantized.is_quantized(solver.state[p])]
     offsets: dict[torch.device, int] = {}
     plan = []
     for param, state in loaded:

@@ -19,7 +19,7 @@ import attrs
 import torch
 from torch import nn
 
-from bcd import checkpointing, contracts, cost, distributed, plugins
+from bcd import checkpointing, contracts, cost, distributed, plugins, quantized
 from bcd.blocks import Partition, check_rows, trainable_parameters
 from bcd.checks import flag, is_number, positive_int
 from bcd.groups import check_hyperparameters, outer_groups
@@ -179,8 +179,9 @@ class Composition:
     groups: list[tuple[dict[str, Any], list[str]]]
     awaiting_wrapper: bool
     max_block_params: int | None = None
-    #: No fp32 master copies: low-precision blocks stepped in fp32 scratch, stochastically rounded back.
-    lean: bool = False
+    #: No fp32 master copies: low-precision blocks stepped in fp32 scratch, stochastically rounded back;
+    #: ``"8bit"``: and their moments kept in 8 bits (:mod:`bcd.quantized`).
+    lean: bool | str = False
     #: fp32 elements by (kind, device) the buffers allocate once (bcd.cost.plan_buffers).
     buffers: dict[tuple[str, torch.device], int] = attrs.field(factory=dict)
 
@@ -247,7 +248,9 @@ def compose(model: Any, *, lr: Any, switch_every: Any, partitioner: Any,
     positive_int("switch_every", switch_every)
     flag("no_decay", no_decay)
     flag("data_parallel", data_parallel)
-    flag("lean", lean)
+    if not any(lean is mode or (isinstance(mode, str) and lean == mode) for mode in cost.LEAN_MODES):
+        raise ValueError(f"Invalid lean: {lean!r}; accepted: False (fp32 master copies), True (none: stochastic rounding) "
+                         "or '8bit' (none, and Adam's moments in 8 bits).")
     solver_options = _options("solver_options", solver_options)
     if lr is not None:
         if "lr" in solver_options:
@@ -286,11 +289,13 @@ def compose(model: Any, *, lr: Any, switch_every: Any, partitioner: Any,
         )
     if lean and (type(probe) not in cost.PREFILLED or any(distributed.sharded(p) for p in candidates.values())):
         raise ValueError(
-            f"Invalid combination: lean=True with solver {solver_name!r}"
+            f"Invalid combination: lean={lean!r} with solver {solver_name!r}"
             f"{' and sharded (FSDP2) parameters' if type(probe) in cost.PREFILLED else ''}; accepted: lean with "
             "solver 'adam' or 'adamw' over unsharded parameters (their moments are stepped chunk by chunk in fp32 "
             "scratch), or lean=False (fp32 master copies)."
         )
+    if lean == "8bit":
+        quantized.library()  # refuses now, with what to install, rather than at the first step
     defaults = dict(probe.defaults)
     # torch checks some values (lr, betas) but not all (inf, a bool): the same checks as a group's.
     check_hyperparameters(f"solver_options for solver {solver_name!r}",

@@ -10,7 +10,10 @@ gradient is cast at once, and from these the bytes of each kind a block asks for
   in row chunks of :math:`C` = :data:`GRADIENT_CHUNK` elements, :math:`4n` for another torch
   solver stepped one tensor at a time (:math:`n` the largest low-precision entry), the block's
   whole low-precision part for a solver stepped once over the block;
-- **moments**: the solver's per-element state, e.g. :math:`8m` for Adam's :math:`m` and :math:`v`.
+- **moments**: the solver's per-element state, e.g. :math:`8m` for Adam's :math:`m` and :math:`v`;
+- **moments8**: with ``lean="8bit"``, the 8-bit moments of the entries that keep them
+  (:mod:`bcd.quantized`): one byte per element and key, an fp32 scale per :data:`QUANT_BLOCK`, and
+  the fp32 chunk they are dequantized into while stepped. Not a buffer: allocated per visit.
 
 :class:`bcd.buffers.Buffers` allocates the largest block's figures once
 (:func:`plan_buffers`); ``bcd.lab.memory`` reports the same figures, in bytes, by category.
@@ -30,6 +33,12 @@ from bcd.distributed import sharded
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 #: Elements of fp32 gradient cast at a time when Adam or AdamW is stepped in row chunks (64 MB).
 GRADIENT_CHUNK = 2**24
+#: Elements per 8-bit quantization block (one fp32 scale each), and the smallest entry quantized:
+#: bitsandbytes' 8-bit optimizers' choices (:mod:`bcd.quantized`).
+QUANT_BLOCK = 256
+QUANT_MIN_NUMEL = 4096
+#: The values of ``lean``: no (fp32 masters), fp32 moments, 8-bit moments.
+LEAN_MODES = (False, True, "8bit")
 # Solvers whose state bcd may create in its own buffers: every per-element entry starts at zero
 # (Adam's m, v and AMSGrad's max v) and the step count is a scalar that starts at zero.
 PREFILLED = (torch.optim.Adam, torch.optim.AdamW)
@@ -40,10 +49,21 @@ def needs_master(param: torch.Tensor) -> bool:
     return param.dtype in LOW_PRECISION
 
 
-def keeps_master(param: torch.Tensor, lean: bool) -> bool:
+def keeps_master(param: torch.Tensor, lean: bool | str) -> bool:
     """Whether bcd keeps an fp32 copy of ``param`` while its block is active: a low-precision one, unless
     ``lean`` (a 0-d one still gets its one-element copy: it has no rows to step in chunks)."""
     return needs_master(param) and not (lean and param.ndim >= 1)
+
+
+def quantizes(param: torch.Tensor, numel: int, lean: bool | str) -> bool:
+    """Whether an entry of ``numel`` elements of ``param`` keeps 8-bit moments: ``lean="8bit"``, a
+    low-precision tensor with rows (stepped in chunks, no master) and at least :data:`QUANT_MIN_NUMEL`."""
+    return lean == "8bit" and not keeps_master(param, True) and needs_master(param) and numel >= QUANT_MIN_NUMEL
+
+
+def chunk_rows(shape: torch.Size | tuple[int, ...]) -> int:
+    """Rows of a tensor of ``shape`` stepped at once in row chunks: at most :data:`GRADIENT_CHUNK` elements, one row at least."""
+    return max(1, GRADIENT_CHUNK // max(1, int(torch.Size(shape[1:]).numel())))
 
 
 def streams(solver: torch.optim.Optimizer) -> bool:
@@ -124,12 +144,13 @@ def layout_or_none(factory: Callable[..., torch.optim.Optimizer], options: Mappi
 
 
 def block_bytes(entries: Sequence[str], params: Mapping[str, torch.Tensor],
-                layout: SolverLayout, lean: bool = False) -> dict[tuple[str, torch.device], int]:
+                layout: SolverLayout, lean: bool | str = False) -> dict[tuple[str, torch.device], int]:
     """Bytes by ``(kind, device)`` that training the block of ``entries`` (names or row entries) adds.
 
-    Kinds: ``masters``, ``gradient`` (fp32, cast at once) and ``moments`` (per-element solver
-    state). Sharded (DTensor) entries are left out: their solver keeps its own state. ``lean``:
-    no fp32 copies, a chunk of scratch instead (:class:`bcd.precision.MasterCopies`).
+    Kinds: ``masters``, ``gradient`` (fp32, cast at once), ``moments`` (per-element solver
+    state) and ``moments8`` (8-bit moments with their fp32 chunk). Sharded (DTensor) entries are
+    left out: their solver keeps its own state. ``lean``: no fp32 copies, a chunk of scratch
+    instead (:class:`bcd.precision.MasterCopies`); ``"8bit"``: 8-bit moments too.
     """
     need: dict[tuple[str, torch.device], int] = {}
     low_block: dict[torch.device, int] = {}
@@ -138,7 +159,13 @@ def block_bytes(entries: Sequence[str], params: Mapping[str, torch.Tensor],
         if sharded(param):
             continue
         numel, device = entry_numel(entry, params), param.device
-        need[("moments", device)] = need.get(("moments", device), 0) + layout.bytes_per_element * numel
+        if quantizes(param, numel, lean):
+            keys, chunk = len(layout.per_element), min(numel, chunk_rows(param.shape) * param[0].numel())
+            need[("moments8", device)] = need.get(("moments8", device), 0) + keys * (numel + 4 * -(-numel // QUANT_BLOCK))
+            # The fp32 chunk a visit's moments are dequantized into, one chunk at a time.
+            need[("moments8 scratch", device)] = max(need.get(("moments8 scratch", device), 0), 4 * keys * chunk)
+        else:
+            need[("moments", device)] = need.get(("moments", device), 0) + layout.bytes_per_element * numel
         if needs_master(param):
             cast = min(numel, GRADIENT_CHUNK) if layout.streamed == "chunk" else numel
             need[("masters", device)] = (max(need.get(("masters", device), 0), 4 * cast) if lean
@@ -151,12 +178,13 @@ def block_bytes(entries: Sequence[str], params: Mapping[str, torch.Tensor],
 
 
 def plan_buffers(blocks: Iterable[Sequence[str]], params: Mapping[str, torch.Tensor],
-                 layout: SolverLayout | None, lean: bool = False) -> dict[tuple[str, torch.device], int]:
+                 layout: SolverLayout | None, lean: bool | str = False) -> dict[tuple[str, torch.device], int]:
     """fp32 elements per ``(kind, device)`` for the largest need of each kind among ``blocks``:
     what :class:`bcd.buffers.Buffers` allocates once and keeps across visits (nothing planned
     for a solver of unknown layout: the buffers then grow on demand)."""
     planned: dict[tuple[str, torch.device], int] = {}
     for entries in blocks if layout is not None else ():
         for key, count in block_bytes(entries, params, layout, lean).items():
-            planned[key] = max(planned.get(key, 0), count // 4)
+            if not key[0].startswith("moments8"):  # allocated per visit, in 8 bits: not a buffer
+                planned[key] = max(planned.get(key, 0), count // 4)
     return planned

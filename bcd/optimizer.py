@@ -75,7 +75,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         data_parallel: average the active block's gradients across ranks (:mod:`bcd.distributed`).
         max_block_params: split any partitioner's blocks larger than this many elements by rows
             (``Partition.limit``), so a plugin partitioner gets row blocks without knowing of them.
-        lean: no fp32 master copies: bf16/fp16 blocks stepped in fp32 chunks, stochastically rounded (:mod:`bcd.precision`).
+        lean: no fp32 masters: bf16/fp16 blocks stepped in fp32 chunks, rounded (:mod:`bcd.precision`); "8bit": 8-bit moments.
 
     Raises:
         ValueError: any invalid argument, naming the value received and what is accepted.
@@ -97,7 +97,7 @@ class BlockCoordinateOptimizer(torch.optim.Optimizer):
         groups: Sequence[Mapping[str, Any]] | None = None,
         data_parallel: bool = False,
         max_block_params: int | None = None,
-        lean: bool = False,
+        lean: bool | str = False,
     ) -> None:
         # Everything is checked before anything changes: a refused call leaves the model as it was.
         previous = owner_of(model)

@@ -11,7 +11,7 @@ the same arithmetic as one step over all. bcd does that for ``torch.optim`` solv
 gradient is cast into one reused fp32 buffer, stepped, rounded back and freed before the next,
 so the block never holds its whole fp32 gradient. For Adam and AdamW, whose state bcd creates
 itself (:mod:`bcd.buffers`), a large tensor is even stepped in row chunks of at most
-:data:`GRADIENT_CHUNK` elements (views of its master and moments, the step count advanced once),
+:data:`bcd.cost.GRADIENT_CHUNK` elements (views of its master and moments, the step count advanced once),
 so the fp32 gradient buffer is 64 MB whatever the model. For a block of ``m`` parameters the
 peak is then ``2m`` (bf16 gradients) ``+ 4m`` (masters) ``+ 8m`` (Adam's moments) and one
 chunk: under the paper's ``16m``. Solvers that are not torch's are stepped once over the
@@ -22,7 +22,9 @@ low-precision entry's rows is copied into fp32 scratch (one chunk, reused), step
 its moments, and written back to the model stochastically rounded (:mod:`bcd.rounding`, seeded by
 the optimizer step, the tensor and the row, so a resumed run rounds as the uninterrupted one):
 :math:`2m + 8m` and two chunks. The update survives rounding in expectation, not exactly: a weight
-moves by a multiple of its bf16 spacing at each step, with the right mean.
+moves by a multiple of its bf16 spacing at each step, with the right mean. With ``lean="8bit"``
+the moments of those entries are kept in 8 bits too (:mod:`bcd.quantized`): each chunk's are
+dequantized for its step and quantized back, :math:`2m + 2m` and a few chunks.
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from bcd import rounding
+from bcd import cost, quantized, rounding
 from bcd.buffers import Buffers, views
-from bcd.cost import GRADIENT_CHUNK, PREFILLED, keeps_master, needs_master, streams
+from bcd.cost import PREFILLED, chunk_rows, keeps_master, needs_master, quantizes, streams
 from bcd.distributed import like, sharded
 
 
@@ -52,13 +54,14 @@ class MasterCopies:
         entries: ``(entry name, parameter, row range or None)`` for each entry of the block.
         buffers: where low-precision masters live across visits; None allocates them afresh.
         lean: keep no fp32 copies (see the module docstring); needs ``buffers`` and Adam or AdamW.
+            ``"8bit"``: and keep the moments of those entries in 8 bits (:mod:`bcd.quantized`).
         indices: each entry's tensor index among the candidates, which seeds its rounding (lean).
         row_params: for a row entry whose rows are a parameter of their own (:mod:`bcd.rowgrad`), by
             entry index: that parameter, whose ``.grad`` is the entry's gradient (the tensor has none).
     """
 
     def __init__(self, entries: Sequence[tuple[str, nn.Parameter, tuple[int, int] | None]],
-                 buffers: Buffers | None = None, lean: bool = False, indices: Sequence[int] = (),
+                 buffers: Buffers | None = None, lean: bool | str = False, indices: Sequence[int] = (),
                  row_params: Mapping[int, torch.Tensor] | None = None) -> None:
         self.names = [name for name, _, _ in entries]
         self.row_params = dict(row_params or {})
@@ -73,6 +76,8 @@ class MasterCopies:
         #: Entries stepped in fp32 scratch chunks and rounded back, with a stand-in as the solver's tensor:
         #: a zero-stride fp32 view of one element, of the entry's shape (its moments are real).
         self.lean = {i for i, p in enumerate(self.sources) if needs_master(p) and not keeps_master(p, lean)}
+        #: Lean entries whose moments are kept in 8 bits (``lean="8bit"``).
+        self.quantized = {i for i in self.lean if quantizes(self.sources[i], _rows(self.sources[i], self.rows[i]).numel(), lean)}
         zero = {p.device: torch.zeros((), device=p.device) for p in self.sources}  # one element per device, shared
         stand_ins = {i: zero[self.sources[i].device].expand(_rows(self.sources[i], self.rows[i]).shape) for i in self.lean}
         low = [i for i, p in enumerate(self.sources) if needs_master(p) and i not in self.lean]
@@ -109,6 +114,10 @@ class MasterCopies:
                     "of a block visit (model.to(...)); nothing was updated. Accepted: convert the model before building "
                     "the optimizer, or save its state_dict(), convert, build a new optimizer and load the state there."
                 )
+
+    def quantized_params(self) -> list[torch.Tensor]:
+        """The solver tensors (stand-ins) whose moments are kept in 8 bits."""
+        return [self.solver_params[i] for i in sorted(self.quantized)]
 
     def _is_copy(self, index: int) -> bool:
         return needs_master(self.sources[index]) and index not in self.lean
@@ -188,31 +197,39 @@ class MasterCopies:
     def _chunked(self, solver: torch.optim.Optimizer, index: int) -> bool:
         master = self.solver_params[index]
         return (type(solver) in PREFILLED and self._is_copy(index) and self.buffers is not None and master.ndim >= 1
-                and master.numel() > GRADIENT_CHUNK and master in solver.state and not sharded(master))
+                and master.numel() > cost.GRADIENT_CHUNK and master in solver.state and not sharded(master))
 
     def _step_in_chunks(self, solver: torch.optim.Optimizer, index: int, grad: torch.Tensor, step: int = 0) -> None:
         """Step one entry a few rows at a time: each chunk's moments are views, its fp32 gradient a part
         of one buffer; every chunk starts from the same step count. The chunk stepped is a view of the
         entry's master or, in the lean precision, its weights copied into fp32 scratch and, stepped,
         stochastically rounded back (seeded by ``step``, the tensor and the row)."""
-        master, lean = self.solver_params[index], index in self.lean
+        master, lean, eight = self.solver_params[index], index in self.lean, index in self.quantized
         weights = _rows(self.sources[index].detach(), self.rows[index]) if lean else master
         state = solver.state[master]
         group = next(g for g in solver.param_groups if any(p is master for p in g["params"]))
         position = next(i for i, p in enumerate(group["params"]) if p is master)
-        rows = max(1, GRADIENT_CHUNK // max(1, weights[0].numel()))
+        rows = chunk_rows(weights.shape)
+        scales = [first for _, _, first in quantized.chunk_blocks(weights.shape)] if eight else []
         first_row = self.rows[index][0] if self.rows[index] is not None else 0
         scalars: dict[str, torch.Tensor] = {}
         try:
-            for start in range(0, weights.shape[0], rows):
+            for number, start in enumerate(range(0, weights.shape[0], rows)):
                 chunk = weights[start:start + rows]
                 view = self.buffers.take("masters", chunk.device, chunk.numel()).view(chunk.shape).copy_(chunk) if lean else chunk
                 view.grad = self.buffers.take("gradient", grad.device, view.numel()).view(view.shape)
                 view.grad.copy_(grad[start:start + rows])
-                solver.state[view] = {k: (v[start:start + rows] if v.ndim else v.clone()) for k, v in state.items()}
+                if eight:  # this chunk's moments in fp32, for this step only
+                    solver.state[view] = {**quantized.load(state, start, rows, scales[number]),
+                                          **{k: v.clone() for k, v in state.items() if not v.ndim}}
+                else:
+                    solver.state[view] = {k: (v[start:start + rows] if v.ndim else v.clone()) for k, v in state.items()}
                 group["params"][position] = view
                 solver.step()
-                scalars = {k: v for k, v in solver.state.pop(view).items() if not v.ndim}
+                stepped = solver.state.pop(view)
+                scalars = {k: v for k, v in stepped.items() if not v.ndim}
+                if eight:
+                    quantized.store(state, stepped, start, scales[number])
                 view.grad = None
                 if lean:
                     draws = rounding.generator(0, step, self.indices[index], first_row + start, chunk.device)

@@ -19,7 +19,8 @@ import torch
 from bcd.blocks import Partition, entry_shape, parse_entry
 from bcd.checks import is_int
 from bcd.contracts import options_of
-from bcd.cost import keeps_master, layout_or_none
+from bcd import quantized
+from bcd.cost import keeps_master, layout_or_none, quantizes
 from bcd.groups import check_hyperparameters
 from bcd.schedule import BlockSchedule
 
@@ -144,12 +145,30 @@ def _check_state_entry(where: str, value: Any, shape: tuple[int, ...], per_eleme
     if value.is_meta:
         _fail(f"{where} is a meta-device tensor (no data); accepted: a tensor with values, on any device.")
     if not value.is_floating_point():
-        _fail(f"{where} has dtype {value.dtype}; accepted: a floating-point tensor.")
+        hint = " (8-bit moments: it was saved with lean='8bit')" if value.dtype == torch.uint8 else ""
+        _fail(f"{where} has dtype {value.dtype}{hint}; accepted: a floating-point tensor.")
     accepted = {True: [shape], False: [()], None: [shape, ()]}[per_element]
     if tuple(value.shape) not in accepted:
         shown = " or ".join(str(s) for s in accepted)
         _fail(f"{where} has shape {tuple(value.shape)}; accepted: {shown}, "
               f"{'the shape of that parameter of the active block' if shape in accepted else 'a scalar'}.")
+
+
+def _check_quantized(where: str, entry: Mapping[str, Any], keys: set[str], shape: tuple[int, ...]) -> None:
+    """One entry's 8-bit moments (``lean="8bit"``): uint8 codes of the entry's shape and the scales of its chunks."""
+    moments = keys & set(quantized.SIGNED)
+    blocks = quantized.chunk_blocks(shape)[-1][2]
+    for key in moments:
+        codes, scales = entry.get(key), entry.get(key + quantized.SCALES)
+        if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8 or tuple(codes.shape) != shape:
+            got = f"{codes.dtype} {tuple(codes.shape)}" if isinstance(codes, torch.Tensor) else repr(codes)
+            _fail(f"{where}[{key!r}] is {got}; accepted: torch.uint8 {shape}, 8-bit moments (lean='8bit'). It was "
+                  "saved with another lean setting, or for another block.")
+        if (not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32 or tuple(scales.shape) != (blocks,)
+                or scales.is_meta or codes.is_meta):
+            got = f"{scales.dtype} {tuple(scales.shape)}" if isinstance(scales, torch.Tensor) else repr(scales)
+            _fail(f"{where}[{key + quantized.SCALES!r}] is {got}; accepted: torch.float32 ({blocks},) with values, "
+                  "one scale per 256-element block of each chunk.")
 
 
 def _check_solver_state(saved: Any, optimizer: Optimizing, groups: list[dict[str, Any]],
@@ -159,6 +178,9 @@ def _check_solver_state(saved: Any, optimizer: Optimizing, groups: list[dict[str
     meta = {n: torch.empty(entry_shape(n, optimizer.candidates), device="meta") for n in block_names}
     probe_groups, _ = solver_groups(groups, optimizer.group_names, meta)
     params = [p for g in probe_groups for p in g["params"]]
+    name_of = {id(t): n for n, t in meta.items()}
+    candidates, lean = optimizer.candidates, optimizer.composition.lean
+    eight = [quantizes(candidates[parse_entry(name_of[id(p)])[0]], p.numel(), lean) for p in params]
     # One throwaway step per group (its values may change the layout, e.g. amsgrad), shared by its tensors.
     composition = optimizer.composition
     by_group = [layout_or_none(composition.solver_factory, composition.solver_options, g) for g in probe_groups]
@@ -170,7 +192,12 @@ def _check_solver_state(saved: Any, optimizer: Optimizing, groups: list[dict[str
         if layout is not None and entry and not layout.keys <= set(entry):
             _fail(f"solver_state['state'][{key}] holds {sorted(map(str, entry))}; accepted: {sorted(layout.keys)}, "
                   "what this solver keeps per parameter.")
+        if eight[key] and entry:
+            _check_quantized(f"solver_state['state'][{key}]", entry, layout.keys if layout else set(entry),
+                             tuple(params[key].shape))
         for name, value in entry.items():
+            if eight[key] and (name in quantized.SIGNED or name.endswith(quantized.SCALES)):
+                continue
             _check_state_entry(f"solver_state['state'][{key}][{name!r}]", value, tuple(params[key].shape),
                                None if layout is None else layout.is_per_element(name))
     try:

@@ -157,7 +157,7 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"Unreadable config"):
         load_config(config=tmp_path / "missing")
     model = build_model(load_config("llama-tiny"))
-    with pytest.raises(ValueError, match=r"Unknown method\(s\): \['sgd'\]; accepted: adam, badam, badam-lean, lora, lomo"):
+    with pytest.raises(ValueError, match=r"Unknown method\(s\): \['sgd'\]; accepted: adam, badam, badam-lean, badam-lean8, lora, lomo"):
         memory.estimate(model, methods=["sgd"])
     with pytest.raises(ValueError, match=r"LoRA targets: \['c_attn'\] match no linear layer; .* named .*q_proj"):
         memory.estimate(model, methods=["lora"], lora_targets=["c_attn"])
@@ -181,8 +181,8 @@ def test_every_preset_builds_on_meta():
 def test_cli_json_and_budget_verdict(capsys):
     assert main(["memory", "--preset", "llama-2-7b", "--budget", "24GiB", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert [m["method"] for m in report["methods"]] == ["adam", "badam", "badam-lean", "lora", "lomo"]
-    assert report["verdict"].startswith("budget 24GiB: fits: badam, badam-lean, lora, lomo; does not fit: adam")
+    assert [m["method"] for m in report["methods"]] == ["adam", "badam", "badam-lean", "badam-lean8", "lora", "lomo"]
+    assert report["verdict"].startswith("budget 24GiB: fits: badam, badam-lean, badam-lean8, lora, lomo; does not fit: adam")
 
 
 def test_cli_table_names_the_largest_block(capsys):
@@ -240,7 +240,7 @@ def test_every_preset_prints_a_full_table_with_default_flags(preset, capsys):
     assert main(["memory", "--preset", preset]) == 0
     out = capsys.readouterr().out
     rows = [line.split("│")[1].strip() for line in out.splitlines() if line.count("│") > 3]
-    assert {"adam", "badam", "badam-lean", "lora", "lomo"} <= set(rows), out
+    assert {"adam", "badam", "badam-lean", "badam-lean8", "lora", "lomo"} <= set(rows), out
 
 
 def test_bcd_memory_is_reachable_from_a_bare_import_bcd():

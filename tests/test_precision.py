@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import bcd
-from bcd import cost, precision
+from bcd import cost
 from bcd.blocks import parse_entry
 from bcd.rowgrad import ROWS
 
@@ -58,7 +58,7 @@ def hand_written_block_epoch(model: torch.nn.Module, partition: bcd.Partition, l
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_a_block_epoch_with_row_blocks_equals_a_hand_written_loop(dtype, chunk, monkeypatch):
     if chunk is not None:
-        monkeypatch.setattr(precision, "GRADIENT_CHUNK", chunk)
+        monkeypatch.setattr(cost, "GRADIENT_CHUNK", chunk)
     case = CASES["llama"]
     reference = case.model(dtype=dtype)
     partition = row_partition(reference)
@@ -184,8 +184,7 @@ def explicit_rows(model: torch.nn.Module) -> dict:
 def lean_pair(chunk: int, monkeypatch, lean_steps: int = 1):
     """Two bf16 Llamas, one trained with masters, one lean, with row blocks of the embedding; the
     lean one's weights before its last step and the master one's fp32 masters after the same step."""
-    monkeypatch.setattr(precision, "GRADIENT_CHUNK", chunk)  # several chunks per entry, cut across rows
-    monkeypatch.setattr(cost, "GRADIENT_CHUNK", chunk)  # and the buffers planned for them
+    monkeypatch.setattr(cost, "GRADIENT_CHUNK", chunk)  # several chunks per entry, cut across rows, and the buffers
     case = CASES["llama"]
     models = [case.model(dtype=torch.bfloat16) for _ in range(2)]
     optimizers = [bcd.BlockCoordinateOptimizer(m, lr=LR, switch_every=K, lean=lean, **explicit_rows(m))
@@ -226,7 +225,7 @@ def test_the_lean_precision_resumes_bit_identically_mid_visit(monkeypatch):
     """Its rounding is drawn from the optimizer step, the tensor and the row: nothing else to save."""
     import copy
 
-    monkeypatch.setattr(precision, "GRADIENT_CHUNK", 40)
+    monkeypatch.setattr(cost, "GRADIENT_CHUNK", 40)
     case = CASES["llama"]
 
     def run(start=0, state=None, stop=3 * K + 1):

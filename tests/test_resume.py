@@ -83,11 +83,11 @@ def test_resume_in_a_fresh_process(tmp_path):
     """The checkpoint files are all a new process needs: row blocks (cast in chunks), mid-block, random order."""
     script = textwrap.dedent(
         f"""
-        import sys, torch, bcd, bcd.precision
+        import sys, torch, bcd, bcd.cost
         sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})
         from conftest import CASES, train
         from test_resume import make
-        bcd.precision.GRADIENT_CHUNK = 40
+        bcd.cost.GRADIENT_CHUNK = 40
         case = CASES["gpt2"]
         model, optimizer = make(case, torch.bfloat16, "random", "layer", {{"max_block_params": 500}})
         assert any("[" in entry for entry in optimizer.blocks.param_names)

@@ -111,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the meta device: nothing is allocated or downloaded. GB are 10^9 bytes.",
     )
     _add_model_arguments(mem)
-    mem.add_argument("--method", default="all", choices=["adam", "badam", "badam-lean", "lora", "lomo", "all"],
-                     help="adam, badam, badam-lean (lean=True: no fp32 masters), lora, lomo or all (default all)")
+    mem.add_argument("--method", default="all", choices=["adam", "badam", "badam-lean", "badam-lean8", "lora", "lomo", "all"],
+                     help="adam, badam, badam-lean (lean=True: no fp32 masters), badam-lean8 (lean='8bit': and 8-bit "
+                          "moments), lora, lomo or all (default all)")
     mem.add_argument("--solver", default="adamw", help="inner solver of BAdam, and Adam's/LoRA's optimizer (default adamw)")
     mem.add_argument("--lora-rank", type=_at_least(int, 1), default=8, help="LoRA rank (default 8)")
     mem.add_argument("--lora-targets", help="LoRA target layers, comma-separated (default: the model's attention "

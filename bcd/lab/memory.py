@@ -37,7 +37,7 @@ from bcd.cost import SolverLayout, block_bytes, plan_buffers, solver_layout
 
 __all__ = ["Breakdown", "LiveMemory", "MemoryEstimate", "estimate", "estimate_activations", "format_size", "measure",
            "parse_size"]
-METHODS = ("adam", "badam", "badam-lean", "lora", "lomo")
+METHODS = ("adam", "badam", "badam-lean", "badam-lean8", "lora", "lomo")
 
 
 @attrs.frozen(kw_only=True)
@@ -107,7 +107,8 @@ def _shard(count: int, world_size: int) -> int:
 
 
 def _block_cost(entries: Sequence[str], params: Mapping[str, torch.Tensor], layout: SolverLayout,
-                fp32_gradient: int, world_size: int = 1, lean: bool = False, by_rows: Collection[str] = ()) -> Breakdown:
+                fp32_gradient: int, world_size: int = 1, lean: bool | str = False,
+                by_rows: Collection[str] = ()) -> Breakdown:
     """Bytes of training the block of ``entries`` (names or row entries), beside the weights (:mod:`bcd.cost`).
 
     A row block of a tensor in ``by_rows`` (:func:`bcd.rowgrad.owners`) holds its rows' gradient in
@@ -124,7 +125,8 @@ def _block_cost(entries: Sequence[str], params: Mapping[str, torch.Tensor], layo
     return Breakdown(
         gradients=_shard(gradients + fp32_gradient, world_size),
         # Per-tensor state (Adam's step counter) is a scalar that every rank keeps whole.
-        solver_state=_shard(kind("moments"), world_size) + layout.bytes_per_tensor * len(entries),
+        solver_state=_shard(kind("moments") + kind("moments8") + kind("moments8 scratch"), world_size)
+        + layout.bytes_per_tensor * len(entries),
         master_copies=_shard(kind("masters"), world_size),
     )
 
@@ -185,7 +187,7 @@ def estimate(
     Args:
         model: the model, in the dtype it will train in.
         methods: any of ``adam`` (mixed precision when the model is bf16/fp16), ``badam``,
-            ``badam-lean`` (``lean=True``), ``lora``, ``lomo``.
+            ``badam-lean`` (``lean=True``), ``badam-lean8`` (``lean="8bit"``), ``lora``, ``lomo``.
         partitioner: BAdam's partitioner; its options default to its own (``layer``: every
             parameter, embedding and head split into row blocks no larger than a layer).
         partitioner_options: options for it.
@@ -224,8 +226,8 @@ def estimate(
                 breakdown=attrs.evolve(cost, weights=weights, gradients=gradients),
                 note=f"{solver} over all parameters; fp32 masters for low-precision ones",
             ))
-        elif method in ("badam", "badam-lean"):
-            lean = method == "badam-lean"
+        elif method in ("badam", "badam-lean", "badam-lean8"):
+            lean = {"badam": False, "badam-lean": True, "badam-lean8": "8bit"}[method]
             partition = resolve_partition(model, partitioner, partitioner_options or {}, params, max_block_params)[2]
             buffer = sum(4 * n for (kind, _), n in plan_buffers([b.param_names for b in partition], params, layout,
                                                                  lean).items() if kind == "gradient")
@@ -246,7 +248,8 @@ def estimate(
                 method=method,
                 breakdown=peak,
                 note=f"{partitioner} partition, D={len(figures)}; peak set by block {largest.name!r}"
-                     + ("; no fp32 masters (lean=True)" if lean else ""),
+                     + {False: "", True: "; no fp32 masters (lean=True)",
+                        "8bit": "; no fp32 masters, 8-bit moments (lean='8bit')"}[lean],
                 blocks=figures,
                 largest_block=largest.name,
                 paper_formula=_shard(2 * total + 16 * total // len(figures), world_size),
