@@ -15,7 +15,7 @@ each row differs from it in one thing; ``bcd-expansion`` is ``bcd-importance`` w
 ``bcd-recipe`` is what a user writes: ``bcd.BAdam(model, lr, total_steps=steps)``, whose defaults
 with the run length are K for three block-epochs and the expansion over every block, every
 parameter trained (the embedding's row blocks too); ``bcd-recipe-importance`` adds
-``order="importance"`` and ``bcd-recipe-lean`` ``lean=True``. ``bcd-defaults`` is the same line
+``order="importance"``, ``bcd-recipe-lean`` ``lean=True`` and ``bcd-recipe-lean8`` ``lean="8bit"``. ``bcd-defaults`` is the same line
 spelled out before those were the defaults (``switch_every="auto", expansion="all"``).
 
     python tools/bench_quality.py                      # the seven default methods (about 3 hours, 2 CPU cores)
@@ -73,10 +73,12 @@ SWEEP = {
 }
 # Methods measured when asked for by --methods, not by default.
 EXTRA = {"bcd-warmup": (2e-4, 4e-4), "bcd-sgd": (1e-2, 3e-2, 1e-1), "bcd-defaults": (1e-4, 2e-4),
-         "bcd-recipe": (1e-4, 2e-4), "bcd-recipe-importance": (1e-4, 2e-4), "bcd-recipe-lean": (1e-4, 2e-4)}
+         "bcd-recipe": (1e-4, 2e-4), "bcd-recipe-importance": (1e-4, 2e-4), "bcd-recipe-lean": (1e-4, 2e-4),
+         "bcd-recipe-lean8": (1e-4, 2e-4)}
 # What a user writes, bcd.BAdam(model, lr, total_steps=steps) (the recipe), and its variants: the
 # keywords each adds to that line.
-RECIPES = {"bcd-recipe": {}, "bcd-recipe-importance": {"order": "importance"}, "bcd-recipe-lean": {"lean": True}}
+RECIPES = {"bcd-recipe": {}, "bcd-recipe-importance": {"order": "importance"}, "bcd-recipe-lean": {"lean": True},
+           "bcd-recipe-lean8": {"lean": "8bit"}}
 RATES = {**SWEEP, **EXTRA}
 # The methods with bcd.landscape_expansion, and its reach.
 EXPANSIONS = {"bcd-expansion": "after", "bcd-expansion-all": "all"}

@@ -2,8 +2,9 @@
 
 Each method runs in a process of its own (peak RSS is per process), one after the other, on a
 Llama-shaped bf16 model built on the meta device and materialised on the CPU (or CUDA with
-``--device cuda``) with random weights. K = 1: every step is a switch, so the update time
-includes it. Reported per method: peak RSS, RSS of the bare model, forward, backward and
+``--device cuda``) with random weights. K = 1 by default: every step is a switch, so the update
+time includes it; ``--switch-every 2`` also shows a visit's later steps, which hold what a visit
+allocates at its first step (the 8-bit moments of ``lean8``) through backward. Reported per method: peak RSS, RSS of the bare model, forward, backward and
 update (``optimizer.step()``) time per step, the block whose step set the peak, and beside them
 what ``bcd memory`` predicts.
 
@@ -11,7 +12,7 @@ what ``bcd memory`` predicts.
     python tools/bench_scale.py --shape llama-2-7b --steps 12   # ~15 minutes on a 2-core CPU
     python tools/bench_scale.py --shape llama-3-8b --methods bcd --steps 0   # every block once
     python tools/bench_scale.py --shape llama-3-8b --methods recipe,bcd,lora --steps 4   # the recipe's cost
-    python tools/bench_scale.py --shape llama-3-8b --methods bcd,lean --steps 0   # the lean precision's saving
+    python tools/bench_scale.py --shape llama-3-8b --methods bcd,lean,lean8 --steps 0   # the lean precisions' saving
 
 Big shapes need most of a 23 GiB machine: run them alone. The reference trains the same
 blocks (``include_embedding``/``include_lm_head``) where they fit; at ``llama-3-8b`` its head
@@ -66,15 +67,20 @@ def materialise(shape: str, device: str) -> torch.nn.Module:
     return model
 
 
-def make_optimizer(method: str, model: torch.nn.Module, reference_blocks: str):
-    """The optimizer of ``method`` (and for LoRA the adapted model), K = 1 for the block methods."""
-    if method in ("bcd", "recipe", "lean"):
+#: The methods that are bcd, and the lean setting of each.
+LEAN = {"bcd": False, "recipe": False, "lean": True, "lean8": "8bit"}
+BCD = tuple(LEAN)
+
+
+def make_optimizer(method: str, model: torch.nn.Module, reference_blocks: str, switch_every: int = 1):
+    """The optimizer of ``method`` (and for LoRA the adapted model), K = ``switch_every`` for the block methods."""
+    if method in BCD:
         import bcd
 
         # recipe: what docs/user-guide.md says to write for a bf16 LLM on one GPU, the expansion over every other block;
-        # lean: no fp32 master copies (lean=True).
-        return model, bcd.BAdam(model, lr=1e-5, switch_every=1, order="descending",
-                                expansion="all" if method == "recipe" else None, lean=method == "lean")
+        # lean: no fp32 master copies (lean=True); lean8: and 8-bit moments (lean="8bit").
+        return model, bcd.BAdam(model, lr=1e-5, switch_every=switch_every, order="descending",
+                                expansion="all" if method == "recipe" else None, lean=LEAN[method])
     if method == "lora":  # peft's LoRA, r = 8 on the attention's q and v projections, fp32 adapters
         from peft import LoraConfig, get_peft_model
 
@@ -84,7 +90,7 @@ def make_optimizer(method: str, model: torch.nn.Module, reference_blocks: str):
 
     everything = reference_blocks == "all"
     return model, BlockOptimizer(base_optimizer=torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0),
-                          named_parameters_list=list(model.named_parameters()), switch_block_every=1,
+                          named_parameters_list=list(model.named_parameters()), switch_block_every=switch_every,
                           switch_mode="descending", include_embedding=everything, include_lm_head=everything,
                           verbose=0)
 
@@ -93,16 +99,16 @@ def worker(args: argparse.Namespace) -> dict:
     """One method's run, in this process."""
     model = materialise(args.shape, args.device)
     bare = current_rss()
-    model, optimizer = make_optimizer(args.worker, model, args.reference_blocks)
-    blocks = (len(optimizer.blocks) if args.worker in ("bcd", "recipe", "lean")
+    model, optimizer = make_optimizer(args.worker, model, args.reference_blocks, args.switch_every)
+    blocks = (len(optimizer.blocks) if args.worker in BCD
               else len(optimizer.block_prefix_list) if args.worker == "badam" else 1)
-    steps = args.steps or blocks
+    steps = args.steps or blocks * args.switch_every
     generator = torch.Generator().manual_seed(1)
     forward, backward, update = [], [], []
     peaks = []  # (the block trained, the peak RSS so far) after each step: where the peak was set
     clock = Stopwatch(args.device)
     for step in range(steps):
-        block = optimizer.active_block.name if args.worker in ("bcd", "recipe", "lean") else f"step {step}"
+        block = optimizer.active_block.name if args.worker in BCD else f"step {step}"
         ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=generator).to(args.device)
         clock.lap()
         loss = model(input_ids=ids, labels=ids).loss
@@ -137,9 +143,11 @@ def main() -> None:
     parser.add_argument("--shape", choices=list(SHAPES), default="small")
     parser.add_argument("--methods", default="bcd,badam",
                         help="comma-separated: bcd, badam, recipe (bcd with expansion='all'), lean (bcd with lean=True), "
+                             "lean8 (bcd with lean='8bit'), "
                              "lora (peft, r = 8 on q/v); "
                              "default bcd,badam")
-    parser.add_argument("--steps", type=int, default=0, help="steps per method; 0: one per block (default)")
+    parser.add_argument("--steps", type=int, default=0, help="steps per method; 0: one visit per block (default)")
+    parser.add_argument("--switch-every", type=int, default=1, help="K, steps per visit (default 1: every step a switch)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--device", default="cpu")
@@ -169,7 +177,7 @@ def main() -> None:
              f"{(r['peak_rss'] - r['bare_rss']) / GIB:.2f}", f"{r['forward']:.2f}", f"{r['backward']:.2f}",
              f"{r['update']:.3f}", f"{r['update_min']:.3f}-{r['update_max']:.3f}",
              f"{r['forward'] + r['backward'] + r['update']:.2f}"] for r in results]
-    print_table(f"{args.shape}, bf16, batch {args.batch} x {args.seq}, K = 1, {args.device}", header, rows)
+    print_table(f"{args.shape}, bf16, batch {args.batch} x {args.seq}, K = {args.switch_every}, {args.device}", header, rows)
     print(f"bcd memory predicts {estimate['total'] / GIB:.2f} GiB without activations (D = {estimate['blocks']}, "
           f"largest block {estimate['largest']}; the paper's 2M + 16M/D: {estimate['paper'] / GIB:.2f} GiB)")
     for r in results:
@@ -179,11 +187,13 @@ def main() -> None:
                   f"{estimate['total'] / r['cuda_max_allocated']:.3f}")
     print("peak set at: " + ", ".join(f"{r['method']} {r['peak_block']}" for r in results))
     by = {r["method"]: r for r in results}
-    if "lean" in by:
-        lean = predicted(args.shape, "badam-lean")
-        print(f"bcd memory predicts {lean['total'] / GIB:.2f} GiB for lean=True without activations; measured "
-              f"{(by['lean']['peak_rss']) / GIB:.2f} GiB peak RSS"
-              + (f" (lean - bcd: {(by['lean']['peak_rss'] - by['bcd']['peak_rss']) / GIB:+.2f} GiB)" if "bcd" in by else ""))
+    for method, preset, label in (("lean", "badam-lean", "lean=True"), ("lean8", "badam-lean8", "lean='8bit'")):
+        if method in by:
+            lean = predicted(args.shape, preset)
+            print(f"bcd memory predicts {lean['total'] / GIB:.2f} GiB for {label} without activations; measured "
+                  f"{(by[method]['peak_rss']) / GIB:.2f} GiB peak RSS"
+                  + (f" ({method} - bcd: {(by[method]['peak_rss'] - by['bcd']['peak_rss']) / GIB:+.2f} GiB)"
+                     if "bcd" in by else ""))
     if {"recipe", "lora"} <= set(by):
         step = {m: by[m]["forward"] + by[m]["backward"] + by[m]["update"] for m in ("recipe", "lora")}
         print(f"recipe / LoRA: peak RSS {by['recipe']['peak_rss'] / by['lora']['peak_rss']:.3f}, "
