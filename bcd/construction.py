@@ -248,7 +248,7 @@ def compose(model: Any, *, lr: Any, switch_every: Any, partitioner: Any,
     positive_int("switch_every", switch_every)
     flag("no_decay", no_decay)
     flag("data_parallel", data_parallel)
-    if not any(lean is mode or (isinstance(mode, str) and lean == mode) for mode in cost.LEAN_MODES):
+    if not (isinstance(lean, bool) or (isinstance(lean, str) and lean == "8bit")):
         raise ValueError(f"Invalid lean: {lean!r}; accepted: False (fp32 master copies), True (none: stochastic rounding) "
                          "or '8bit' (none, and Adam's moments in 8 bits).")
     solver_options = _options("solver_options", solver_options)

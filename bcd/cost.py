@@ -37,8 +37,6 @@ GRADIENT_CHUNK = 2**24
 #: bitsandbytes' 8-bit optimizers' choices (:mod:`bcd.quantized`).
 QUANT_BLOCK = 256
 QUANT_MIN_NUMEL = 4096
-#: The values of ``lean``: no (fp32 masters), fp32 moments, 8-bit moments.
-LEAN_MODES = (False, True, "8bit")
 # Solvers whose state bcd may create in its own buffers: every per-element entry starts at zero
 # (Adam's m, v and AMSGrad's max v) and the step count is a scalar that starts at zero.
 PREFILLED = (torch.optim.Adam, torch.optim.AdamW)
@@ -58,7 +56,7 @@ def keeps_master(param: torch.Tensor, lean: bool | str) -> bool:
 def quantizes(param: torch.Tensor, numel: int, lean: bool | str) -> bool:
     """Whether an entry of ``numel`` elements of ``param`` keeps 8-bit moments: ``lean="8bit"``, a
     low-precision tensor with rows (stepped in chunks, no master) and at least :data:`QUANT_MIN_NUMEL`."""
-    return lean == "8bit" and not keeps_master(param, True) and needs_master(param) and numel >= QUANT_MIN_NUMEL
+    return lean == "8bit" and needs_master(param) and param.ndim >= 1 and numel >= QUANT_MIN_NUMEL
 
 
 def chunk_rows(shape: torch.Size | tuple[int, ...]) -> int:

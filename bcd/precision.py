@@ -210,17 +210,16 @@ class MasterCopies:
         group = next(g for g in solver.param_groups if any(p is master for p in g["params"]))
         position = next(i for i, p in enumerate(group["params"]) if p is master)
         rows = chunk_rows(weights.shape)
-        scales = [first for _, _, first in quantized.chunk_blocks(weights.shape)] if eight else []
         first_row = self.rows[index][0] if self.rows[index] is not None else 0
         scalars: dict[str, torch.Tensor] = {}
         try:
-            for number, start in enumerate(range(0, weights.shape[0], rows)):
+            for start in range(0, weights.shape[0], rows):
                 chunk = weights[start:start + rows]
                 view = self.buffers.take("masters", chunk.device, chunk.numel()).view(chunk.shape).copy_(chunk) if lean else chunk
                 view.grad = self.buffers.take("gradient", grad.device, view.numel()).view(view.shape)
                 view.grad.copy_(grad[start:start + rows])
                 if eight:  # this chunk's moments in fp32, for this step only
-                    solver.state[view] = {**quantized.load(state, start, rows, scales[number]),
+                    solver.state[view] = {**quantized.load(state, start, rows),
                                           **{k: v.clone() for k, v in state.items() if not v.ndim}}
                 else:
                     solver.state[view] = {k: (v[start:start + rows] if v.ndim else v.clone()) for k, v in state.items()}
@@ -229,7 +228,7 @@ class MasterCopies:
                 stepped = solver.state.pop(view)
                 scalars = {k: v for k, v in stepped.items() if not v.ndim}
                 if eight:
-                    quantized.store(state, stepped, start, scales[number])
+                    quantized.store(state, stepped, start)
                 view.grad = None
                 if lean:
                     draws = rounding.generator(0, step, self.indices[index], first_row + start, chunk.device)

@@ -24,7 +24,7 @@ The kernels are bitsandbytes' (:func:`bitsandbytes.functional.quantize_blockwise
 Which entries: those the lean precision steps in chunks (low-precision tensors with rows), with at
 least :data:`bcd.cost.QUANT_MIN_NUMEL` (4096) elements, as bitsandbytes' own 8-bit optimizers choose; the others keep
 fp32 moments (:func:`bcd.cost.quantizes`). Chunks are quantized independently (a chunk's last block may be short), so the
-scales of an entry are laid out chunk after chunk (:func:`chunk_blocks`).
+scales of an entry are laid out chunk after chunk (:func:`scales_before`).
 """
 
 from __future__ import annotations
@@ -67,25 +67,20 @@ def library() -> ModuleType:
         logger.setLevel(level)
 
 
-def chunk_blocks(shape: torch.Size | tuple[int, ...]) -> list[tuple[int, int, int]]:
-    """``(first row, rows, first scale)`` of each chunk an entry of ``shape`` is stepped in, and the
-    scales' total as a last ``(rows, 0, total)``: a chunk's blocks start at its first element."""
-    rows_total = shape[0]
+def scales_before(shape: torch.Size | tuple[int, ...], row: int) -> int:
+    """How many scales an entry of ``shape`` keeps for its rows before ``row`` (a chunk's first row,
+    or ``shape[0]`` for all): every chunk but the last has the same rows, and its blocks start at
+    its first element."""
     per_row = int(torch.Size(shape[1:]).numel())
     rows = chunk_rows(shape)
-    out, offset = [], 0
-    for start in range(0, rows_total, rows):
-        count = min(rows, rows_total - start)
-        out.append((start, count, offset))
-        offset += -(-count * per_row // BLOCK)
-    out.append((rows_total, 0, offset))
-    return out
+    full, rest = divmod(row, rows)
+    return full * -(-rows * per_row // BLOCK) + -(-rest * per_row // BLOCK)
 
 
 def zeros(keys: Mapping[str, int], shape: torch.Size, device: torch.device) -> dict[str, torch.Tensor]:
     """The state of an entry not stepped yet: codes (uint8, ``shape``) and zero scales for each
     per-element key (a zero scale decodes every code to 0, Adam's initial moments)."""
-    blocks = chunk_blocks(shape)[-1][2]
+    blocks = scales_before(shape, shape[0])
     state: dict[str, torch.Tensor] = {}
     for key in keys:
         state[key] = torch.zeros(shape, dtype=torch.uint8, device=device)
@@ -104,25 +99,26 @@ def _code(functional: ModuleType, signed: bool, device: torch.device) -> torch.T
     return _CODES[key]
 
 
-def load(state: Mapping[str, torch.Tensor], start: int, rows: int, scale: int) -> dict[str, torch.Tensor]:
-    """The fp32 moments of rows ``start:start + rows`` (whose scales begin at ``scale``), dequantized afresh."""
+def load(state: Mapping[str, torch.Tensor], start: int, rows: int) -> dict[str, torch.Tensor]:
+    """The fp32 moments of the chunk of rows ``start:start + rows``, dequantized afresh."""
     functional = library()
     out = {}
     for key in SIGNED:
         if key in state:
             codes = state[key][start:start + rows]
-            blocks = -(-codes.numel() // BLOCK)
+            scale, blocks = scales_before(state[key].shape, start), -(-codes.numel() // BLOCK)
             out[key] = functional.dequantize_blockwise(
                 codes, absmax=state[key + SCALES][scale:scale + blocks],
                 code=_code(functional, SIGNED[key], codes.device), blocksize=BLOCK)
     return out
 
 
-def store(state: MutableMapping[str, torch.Tensor], stepped: Mapping[str, torch.Tensor], start: int, scale: int) -> None:
-    """Quantize the fp32 moments of a chunk (``stepped``, from row ``start``, scales from ``scale``) back into ``state``."""
+def store(state: MutableMapping[str, torch.Tensor], stepped: Mapping[str, torch.Tensor], start: int) -> None:
+    """Quantize the fp32 moments of the chunk from row ``start`` (``stepped``) back into ``state``."""
     functional = library()
     for key, value in stepped.items():
         if key in SIGNED and key in state:
+            scale = scales_before(state[key].shape, start)
             codes, quant = functional.quantize_blockwise(value, code=_code(functional, SIGNED[key], value.device),
                                                          blocksize=BLOCK)
             state[key][start:start + value.shape[0]].copy_(codes)

@@ -157,7 +157,7 @@ def _check_state_entry(where: str, value: Any, shape: tuple[int, ...], per_eleme
 def _check_quantized(where: str, entry: Mapping[str, Any], keys: set[str], shape: tuple[int, ...]) -> None:
     """One entry's 8-bit moments (``lean="8bit"``): uint8 codes of the entry's shape and the scales of its chunks."""
     moments = keys & set(quantized.SIGNED)
-    blocks = quantized.chunk_blocks(shape)[-1][2]
+    blocks = quantized.scales_before(shape, shape[0])
     for key in moments:
         codes, scales = entry.get(key), entry.get(key + quantized.SCALES)
         if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8 or tuple(codes.shape) != shape:
