@@ -4,9 +4,9 @@ Each method runs in a process of its own (peak RSS is per process), one after th
 Llama-shaped bf16 model built on the meta device and materialised on the CPU (or CUDA with
 ``--device cuda``) with random weights. K = 1 by default: every step is a switch, so the update
 time includes it; ``--switch-every 2`` also shows a visit's later steps, which hold what a visit
-allocates at its first step (the 8-bit moments of ``lean8``) through backward. Reported per method: peak RSS, RSS of the bare model, forward, backward and
-update (``optimizer.step()``) time per step, the block whose step set the peak, and beside them
-what ``bcd memory`` predicts.
+allocates at its first step (the 8-bit moments of ``lean8``) through backward. Reported per
+method: peak RSS, RSS of the bare model, forward, backward and update (``optimizer.step()``)
+time per step, the block whose step set the peak, and beside them what ``bcd memory`` predicts.
 
     python tools/bench_scale.py --shape small                   # a quick run, seconds
     python tools/bench_scale.py --shape llama-2-7b --steps 12   # ~15 minutes on a 2-core CPU
@@ -69,12 +69,11 @@ def materialise(shape: str, device: str) -> torch.nn.Module:
 
 #: The methods that are bcd, and the lean setting of each.
 LEAN = {"bcd": False, "recipe": False, "lean": True, "lean8": "8bit"}
-BCD = tuple(LEAN)
 
 
 def make_optimizer(method: str, model: torch.nn.Module, reference_blocks: str, switch_every: int = 1):
     """The optimizer of ``method`` (and for LoRA the adapted model), K = ``switch_every`` for the block methods."""
-    if method in BCD:
+    if method in LEAN:
         import bcd
 
         # recipe: what docs/user-guide.md says to write for a bf16 LLM on one GPU, the expansion over every other block;
@@ -100,7 +99,7 @@ def worker(args: argparse.Namespace) -> dict:
     model = materialise(args.shape, args.device)
     bare = current_rss()
     model, optimizer = make_optimizer(args.worker, model, args.reference_blocks, args.switch_every)
-    blocks = (len(optimizer.blocks) if args.worker in BCD
+    blocks = (len(optimizer.blocks) if args.worker in LEAN
               else len(optimizer.block_prefix_list) if args.worker == "badam" else 1)
     steps = args.steps or blocks * args.switch_every
     generator = torch.Generator().manual_seed(1)
@@ -108,7 +107,7 @@ def worker(args: argparse.Namespace) -> dict:
     peaks = []  # (the block trained, the peak RSS so far) after each step: where the peak was set
     clock = Stopwatch(args.device)
     for step in range(steps):
-        block = optimizer.active_block.name if args.worker in BCD else f"step {step}"
+        block = optimizer.active_block.name if args.worker in LEAN else f"step {step}"
         ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=generator).to(args.device)
         clock.lap()
         loss = model(input_ids=ids, labels=ids).loss
