@@ -92,6 +92,19 @@ def test_finetune_demo_defaults_learn(tmp_path):
     assert summary.tensorboard_dir is not None and Path(summary.tensorboard_dir).is_dir()
 
 
+def test_finetune_lean_8bit_learns_with_8bit_moments_and_no_master_copies(tmp_path):
+    """``lean="8bit"`` reaches bcd.BAdam: the same run holds under a third of the moments' bytes and no master
+    copies, only the fp32 scratch of one chunk (here the largest entry, the embedding: half the masters' bytes)."""
+    from bcd.lab.finetune import finetune
+
+    runs = {lean: finetune(output_dir=str(tmp_path / str(lean)), max_steps=12, switch_every=2, progress=False,
+                           tensorboard=False, lean=lean) for lean in (False, "8bit")}
+    lean, default = runs["8bit"].memory, runs[False].memory
+    assert runs["8bit"].loss_after < runs["8bit"].loss_before - 0.5
+    assert lean["solver_state"] < default["solver_state"] / 3  # 2 bytes of codes an element against 8, scales, norms
+    assert lean["master_copies"] < default["master_copies"] / 2
+
+
 def test_finetune_refuses_bad_numbers():
     from bcd.lab.finetune import finetune
 

@@ -176,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                       help="the model's dtype while training: bf16 (default; fp32 masters for the active block only), "
                            "fp16 or fp32")
+    tune.add_argument("--lean", default="off", choices=list(commands.LEAN_FLAGS),
+                      help="the active block's precision on a bf16/fp16 model: off (default: fp32 master copies and "
+                           "moments), on (no master copies, stochastically rounded steps) or 8bit (and 8-bit moments, "
+                           "needs bitsandbytes: pip install 'bcd[lowbit]')")
     tune.add_argument("--gradient-checkpointing", action="store_true", help="non-reentrant activation checkpointing")
     tune.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
     tune.set_defaults(run=commands.run_finetune)

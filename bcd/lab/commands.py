@@ -12,6 +12,9 @@ from rich.table import Table
 
 from bcd import plugins
 
+#: ``bcd finetune --lean``'s values, as ``bcd.BAdam``'s ``lean``.
+LEAN_FLAGS = {"off": False, "on": True, "8bit": "8bit"}
+
 
 def _options(pairs: Sequence[str] | None, flag: str) -> dict:
     """``KEY=VALUE`` pairs as a dict; values are read as JSON when they parse, else as strings."""
@@ -168,7 +171,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     console.print(f"bcd finetune: {args.model or 'tiny Llama built from a config'} on "
                   f"{args.dataset or 'the bundled demo instructions'}, {args.max_steps} steps, bcd.BAdam "
                   f"({f'K = {args.switch_every}' if args.switch_every else 'K from the run length'}, {args.order} order, "
-                  f"expansion {args.expansion})",
+                  f"expansion {args.expansion}, lean {args.lean})",
                   highlight=False)
     summary = finetune(
         model_name=args.model, dataset=args.dataset, output_dir=args.output_dir, max_steps=args.max_steps,
@@ -176,7 +179,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         switch_every=args.switch_every, order=args.order, seed=args.seed,
         expansion=None if args.expansion == "none" else args.expansion,
         gradient_checkpointing=args.gradient_checkpointing, tensorboard=not args.no_tensorboard,
-        dtype=parse_dtype(args.dtype),
+        dtype=parse_dtype(args.dtype), lean=LEAN_FLAGS[args.lean],
     )
     table = Table(title="bcd finetune: summary")
     table.add_column("")

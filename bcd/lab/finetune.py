@@ -192,6 +192,7 @@ def finetune(
     tensorboard: bool = True,
     progress: bool = True,
     dtype: torch.dtype = torch.bfloat16,
+    lean: bool | str = False,
 ) -> FinetuneSummary:
     """Fine-tune with ``bcd.BAdam`` and the Trainer; see ``bcd finetune --help`` for the options."""
     import time
@@ -231,7 +232,7 @@ def finetune(
     )
     # bcd.BAdam's recipe for a run of max_steps: K for three block-epochs unless given, and the expansion.
     chosen = {"switch_every": switch_every} if switch_every is not None else {}
-    optimizer = badam_from_training_args(model, args, order=order, seed=seed, expansion=expansion, **chosen)
+    optimizer = badam_from_training_args(model, args, order=order, seed=seed, expansion=expansion, lean=lean, **chosen)
     # Our own TensorBoard callback with its folder set: the Trainer's, first used by an evaluation
     # before train(), would open a writer with no folder (./runs/<date>_<host> under the cwd).
     tensorboard_dir = Path(output_dir).absolute() / "tensorboard"
