@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from bcd import averaging, distributed, quantized, rowgrad
+from bcd import averaging, distributed, heap, quantized, rowgrad
 from bcd.blocks import Block, parse_entry
 from bcd.buffers import Buffers, prefill, rehome
 from bcd.precision import MasterCopies
@@ -192,5 +192,7 @@ class ActiveBlock:
 
     def step(self, step: int = 0) -> None:
         """One solver step on the masters from the block's gradients, rounded back into the model
-        (``step``, the optimizer's global step, seeds the lean precision's rounding)."""
+        (``step``, the optimizer's global step, seeds the lean precision's rounding). On the CPU the
+        heap's free pages (the activations backward freed) go back to the system first (:mod:`bcd.heap`)."""
+        heap.release(self.masters.params)
         self.masters.step(self.solver, step)

@@ -31,8 +31,8 @@ from bcd.blocks import entry_numel, parse_entry
 from bcd.distributed import sharded
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
-#: Elements of fp32 gradient cast at a time when Adam or AdamW is stepped in row chunks (64 MB).
-GRADIENT_CHUNK = 2**24
+#: Elements of fp32 gradient cast at a time when Adam or AdamW is stepped in row chunks (16 MB).
+GRADIENT_CHUNK = 2**22
 #: Elements per 8-bit quantization block (one fp32 scale each), and the smallest entry quantized:
 #: bitsandbytes' 8-bit optimizers' choices (:mod:`bcd.quantized`).
 QUANT_BLOCK = 256

@@ -12,7 +12,7 @@ gradient is cast into one reused fp32 buffer, stepped, rounded back and freed be
 so the block never holds its whole fp32 gradient. For Adam and AdamW, whose state bcd creates
 itself (:mod:`bcd.buffers`), a large tensor is even stepped in row chunks of at most
 :data:`bcd.cost.GRADIENT_CHUNK` elements (views of its master and moments, the step count advanced once),
-so the fp32 gradient buffer is 64 MB whatever the model. For a block of ``m`` parameters the
+so the fp32 gradient buffer is 16 MB whatever the model. For a block of ``m`` parameters the
 peak is then ``2m`` (bf16 gradients) ``+ 4m`` (masters) ``+ 8m`` (Adam's moments) and one
 chunk: under the paper's ``16m``. Solvers that are not torch's are stepped once over the
 whole block, with its whole fp32 gradient.

@@ -12,7 +12,7 @@ Categories, in bytes:
 
 For an M-parameter bf16 model split into D equal blocks, the paper counts BAdam at
 :math:`2M + 16M/D` bytes (weights, then master + gradient + :math:`m` + :math:`v` for one block);
-bcd streams the step through one 64 MB fp32 gradient buffer, so a block of ``m`` parameters
+bcd streams the step through one 16 MB fp32 gradient buffer, so a block of ``m`` parameters
 costs :math:`14m` bytes and the buffer instead of :math:`16m` (:mod:`bcd.precision`). The real peak is set by the **largest** block,
 which the estimate names; by default no block is larger than a transformer layer. Mixed-precision Adam
 holds :math:`2M` (weights) + :math:`2M` (gradients) + :math:`4M` (masters) + :math:`8M` (states).
