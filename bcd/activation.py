@@ -44,6 +44,13 @@ def _zero_other_rows(spans: list[tuple[int, int]]) -> Callable[[torch.Tensor], N
     return hook
 
 
+def _release_heap(block: weakref.ref[ActiveBlock], param: torch.Tensor) -> None:
+    """The heap's free pages back to the system at the first of the block's gradients in a step (:mod:`bcd.heap`)."""
+    active = block()
+    if active is not None and not active.released:
+        active.released = heap.release([param])
+
+
 def remove_all(handles: list[RemovableHandle]) -> None:
     """Remove every hook in ``handles`` and empty the list."""
     for handle in handles:
@@ -84,9 +91,12 @@ class ActiveBlock:
         self.solver: torch.optim.Optimizer | None = None
         self.solver_group_index: list[int] = []
         self.sync_handles: list[RemovableHandle] = []
-        self.row_handles: list[RemovableHandle] = []
+        #: Post-accumulate-grad hooks on the block's tensors: zeroing other rows, the heap's release.
+        self.grad_handles: list[RemovableHandle] = []
+        #: Whether this step's backward already handed the heap back (at the block's first gradient).
+        self.released = False
         weakref.finalize(self, remove_all, self.sync_handles)
-        weakref.finalize(self, remove_all, self.row_handles)
+        weakref.finalize(self, remove_all, self.grad_handles)
         weakref.finalize(self, rowgrad.release_all, self.row_gradients)
 
     def row_params(self) -> list[nn.Parameter]:
@@ -113,7 +123,7 @@ class ActiveBlock:
             param.requires_grad_(False)
             param.grad = None
         remove_all(self.sync_handles)
-        remove_all(self.row_handles)
+        remove_all(self.grad_handles)
         rowgrad.release_all(self.row_gradients)
         self.params, self.solver, self.masters = [], None, None
 
@@ -131,7 +141,7 @@ class ActiveBlock:
         deferred = self.deferred()
         spans = self.block.row_spans
         by_rows = {n: s[0] for n, s in spans.items() if n in self.row_owners and len(s) == 1 and not deferred}
-        remove_all(self.row_handles)
+        remove_all(self.grad_handles)
         rowgrad.release_all(self.row_gradients)
         self.params = []
         for name in self.block.tensor_names:
@@ -147,7 +157,13 @@ class ActiveBlock:
             if not deferred:
                 param.requires_grad_(True)
             if name in spans:
-                self.row_handles.append(param.register_post_accumulate_grad_hook(_zero_other_rows(spans[name])))
+                self.grad_handles.append(param.register_post_accumulate_grad_hook(_zero_other_rows(spans[name])))
+        # When backward reaches the block, the activations it freed above it go back to the system
+        # before the rest of the block's gradients are allocated (bcd.heap): once per step.
+        # A weak reference: the parameters' hooks must not keep this block (and its optimizer) alive.
+        this = weakref.ref(self)
+        self.grad_handles.extend(p.register_post_accumulate_grad_hook(lambda param: _release_heap(this, param))
+                                 for p in self.params if p.device.type == "cpu")
 
     def adopt(self, current: Mapping[str, nn.Parameter]) -> None:
         """Re-read the candidates by name (a wrapper replaced them), then freeze all but the block."""
@@ -193,6 +209,8 @@ class ActiveBlock:
     def step(self, step: int = 0) -> None:
         """One solver step on the masters from the block's gradients, rounded back into the model
         (``step``, the optimizer's global step, seeds the lean precision's rounding). On the CPU the
-        heap's free pages (the activations backward freed) go back to the system first (:mod:`bcd.heap`)."""
+        heap's free pages (what backward freed after the block's first gradient) go back to the system
+        first (:mod:`bcd.heap`)."""
         heap.release(self.masters.params)
+        self.released = False
         self.masters.step(self.solver, step)

@@ -1,13 +1,15 @@
-"""Freed CPU memory handed back to the operating system before a block step allocates.
+"""Freed CPU memory handed back to the operating system while a block trains.
 
 On Linux with glibc, what autograd frees in small pieces (a layer's saved activations, a few MB
 each at LLM shapes, under glibc's mmap threshold) stays in the process's heap: resident, counted
-in its RSS, reusable only by later small allocations. A block's step then allocates large
-tensors (its chunks' scratch, 8-bit moments; mmapped, not carved from that heap), so the freed
-activations and the step's tensors would be resident at once. ``malloc_trim(0)`` returns every
-whole free page of the heap to the system (inside the heap too, since glibc 2.8); at
-``llama-3-8b`` that takes about 0.25 GiB off the step's peak (docs/benchmarks.md, "Scale").
-It changes no value. Elsewhere (another C library, or no CPU tensor in the block) nothing is done.
+in its RSS, reusable only by later small allocations. The block's gradients and its step's
+tensors (chunks' scratch, 8-bit moments) are large, mmapped, not carved from that heap, so the
+freed activations and those tensors would be resident at once. ``malloc_trim(0)`` returns every
+whole free page of the heap to the system (inside the heap too, since glibc 2.8). bcd calls it
+when backward reaches the active block (its first gradient: the activations above it are freed,
+its gradients still to come) and before the solver steps (:mod:`bcd.activation`); the figures are
+in docs/benchmarks.md, "Scale". It changes no value. Elsewhere (another C library, or no CPU
+tensor in the block) nothing is done.
 """
 
 from __future__ import annotations
