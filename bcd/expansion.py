@@ -59,7 +59,7 @@ from bcd.optimizer import BlockCoordinateOptimizer
 
 
 #: Elements per chunk of an expanded step on a CPU: a 4 MB fp32 chunk whose temporaries stay in
-#: cache, a third of the time of :data:`GRADIENT_CHUNK`'s (tools/bench_scale.py, docs/benchmarks.md);
+#: cache, a third of the time of a 64 MB one (tools/bench_scale.py, docs/benchmarks.md);
 #: an accelerator keeps :data:`GRADIENT_CHUNK` (fewer launches; the passes are cheap there).
 CPU_CHUNK = rounding.CPU_CHUNK
 #: Which blocks an expansion steps: those after the active one, or all but the active one.

@@ -1,4 +1,4 @@
-"""bcd.heap: the heap's free pages go back to the system before a CPU step, and nothing changes."""
+"""bcd.heap: the heap's free pages go back to the system during a CPU step, and nothing changes."""
 
 from __future__ import annotations
 
